@@ -1,0 +1,213 @@
+"""Aggregation of model states: pure functions over state dicts, no Lightning.
+
+The federated average of Sheller et al. (and of FedAvg, McMahan et al. 2017) weights each site's
+state by its number of training samples. States are checked before they are combined: the same
+keys, shapes and dtypes as the reference, finite values, a positive finite weight. The running
+accumulator keeps one float64 sum the size of the model, so memory does not grow with the number of
+sites.
+
+Integer buffers (BatchNorm's ``num_batches_tracked``) cannot be averaged as floats and stay
+integers: they get the weighted mean rounded to the nearest integer (``integer_policy="mean"``) or
+the maximum over sites (``"max"``). Boolean buffers must agree across sites.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from enum import StrEnum
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "IncompatibleStateError",
+    "IntegerPolicy",
+    "NonFiniteStateError",
+    "WeightedMean",
+    "check_compatible",
+    "check_finite",
+    "state_to_cpu",
+    "weighted_average",
+]
+
+State = Mapping[str, Tensor]
+
+
+class IntegerPolicy(StrEnum):
+    """How integer buffers are combined."""
+
+    MEAN = "mean"
+    MAX = "max"
+
+
+class IncompatibleStateError(ValueError):
+    """A site's state does not match the global model's keys, shapes or dtypes."""
+
+
+class NonFiniteStateError(ValueError):
+    """A site's state holds NaN or Inf values."""
+
+    def __init__(self, site: str, tensor: str) -> None:
+        super().__init__(f"Site {site!r} returned non-finite values (NaN or Inf) in `{tensor}`.")
+        self.site = site
+        self.tensor = tensor
+
+
+def state_to_cpu(state: State) -> dict[str, Tensor]:
+    """Detached CPU copies of every tensor of ``state`` (never views of the live model)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+
+def check_compatible(reference: State, state: State, site: str) -> None:
+    """Raise :class:`IncompatibleStateError` unless ``state`` has the keys, shapes, dtypes of ``reference``.
+
+    Example:
+        >>> ref = {"w": torch.zeros(2)}
+        >>> check_compatible(ref, {"w": torch.ones(2)}, site="a")
+        >>> try:
+        ...     check_compatible(ref, {"w": torch.ones(3)}, site="b")
+        ... except IncompatibleStateError as err:
+        ...     print(err)
+        Site 'b': `w` has shape (3,), expected (2,).
+    """
+    missing = sorted(set(reference) - set(state))
+    unexpected = sorted(set(state) - set(reference))
+    if missing or unexpected:
+        raise IncompatibleStateError(
+            f"Site {site!r}: state keys differ from the global model's"
+            f" (missing: {missing or 'none'}; unexpected: {unexpected or 'none'})."
+        )
+    for key, ref in reference.items():
+        value = state[key]
+        if value.shape != ref.shape:
+            raise IncompatibleStateError(
+                f"Site {site!r}: `{key}` has shape {tuple(value.shape)}, expected {tuple(ref.shape)}."
+            )
+        if value.dtype != ref.dtype:
+            raise IncompatibleStateError(
+                f"Site {site!r}: `{key}` has dtype {value.dtype}, expected {ref.dtype}."
+            )
+
+
+def check_finite(state: State, site: str) -> None:
+    """Raise :class:`NonFiniteStateError` naming the first floating tensor holding NaN or Inf."""
+    for key, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise NonFiniteStateError(site, key)
+
+
+def _check_weight(weight: float, site: str) -> float:
+    weight = float(weight)
+    if not (weight > 0 and weight != float("inf")):
+        raise ValueError(
+            f"Expected the weight of site {site!r} to be positive and finite, got {weight}."
+        )
+    return weight
+
+
+class WeightedMean:
+    """Running weighted mean of state dicts: ``sum_i w_i * state_i / sum_i w_i``.
+
+    Add one site at a time; only one float64 sum (plus one integer maximum where asked) is held.
+
+    Example:
+        >>> acc = WeightedMean()
+        >>> acc.add({"w": torch.tensor([1.0, 3.0])}, weight=1, site="a")
+        >>> acc.add({"w": torch.tensor([4.0, 0.0])}, weight=2, site="b")
+        >>> acc.compute()["w"].tolist()  # (1*1 + 4*2) / 3, (3*1 + 0*2) / 3
+        [3.0, 1.0]
+    """
+
+    def __init__(self, integer_policy: IntegerPolicy | str = IntegerPolicy.MEAN) -> None:
+        self.integer_policy = IntegerPolicy(integer_policy)
+        self.reset()
+
+    def reset(self) -> None:
+        self._reference: dict[str, Tensor] | None = None
+        self._sums: dict[str, Tensor] = {}
+        self.total_weight = 0.0
+        self.sites: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.sites)
+
+    def add(self, state: State, weight: float, site: str) -> None:
+        """Check ``state`` and add ``weight * state`` to the running sum."""
+        weight = _check_weight(weight, site)
+        if self._reference is None:
+            self._reference = {
+                k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in state.items()
+            }
+        check_compatible(self._reference, state, site)
+        check_finite(state, site)
+        for key, value in state.items():
+            value = value.detach().to("cpu")
+            if value.dtype == torch.bool:
+                if key in self._sums and not torch.equal(self._sums[key], value):
+                    raise IncompatibleStateError(
+                        f"Site {site!r}: boolean buffer `{key}` differs between sites."
+                    )
+                self._sums[key] = value.clone()
+            elif not value.is_floating_point() and self.integer_policy is IntegerPolicy.MAX:
+                self._sums[key] = (
+                    value.clone()
+                    if key not in self._sums
+                    else torch.maximum(self._sums[key], value)
+                )
+            else:
+                contribution = value.to(torch.float64) * weight
+                if key in self._sums:
+                    self._sums[key] += contribution
+                else:
+                    self._sums[key] = contribution
+        self.total_weight += weight
+        self.sites.append(site)
+
+    def sums(self) -> tuple[dict[str, Tensor], float]:
+        """The raw weighted sums and total weight (what a distributed all-reduce adds up)."""
+        return self._sums, self.total_weight
+
+    def compute(self) -> dict[str, Tensor]:
+        """The weighted mean, in each tensor's original dtype."""
+        if self._reference is None:
+            raise ValueError("Cannot average zero sites: no state was added.")
+        return finalize_mean(self._sums, self.total_weight, self._reference, self.integer_policy)
+
+
+def finalize_mean(
+    sums: Mapping[str, Tensor],
+    total_weight: float,
+    reference: State,
+    integer_policy: IntegerPolicy | str = IntegerPolicy.MEAN,
+) -> dict[str, Tensor]:
+    """Divide weighted sums by the total weight and cast back to each reference tensor's dtype."""
+    policy = IntegerPolicy(integer_policy)
+    out: dict[str, Tensor] = {}
+    for key, ref in reference.items():
+        value = sums[key]
+        if ref.dtype == torch.bool or (not ref.is_floating_point() and policy is IntegerPolicy.MAX):
+            out[key] = value.to(ref.dtype)
+        elif ref.is_floating_point():
+            out[key] = (value / total_weight).to(ref.dtype)
+        else:
+            out[key] = torch.round(value / total_weight).to(ref.dtype)
+    return out
+
+
+def weighted_average(
+    results: Iterable[tuple[State, float]] | Sequence[tuple[State, float]],
+    integer_policy: IntegerPolicy | str = IntegerPolicy.MEAN,
+) -> dict[str, Tensor]:
+    """Flower-style aggregate: ``[(state, n_examples), ...] -> weighted mean state``.
+
+    Example:
+        >>> a = {"w": torch.tensor([0.0]), "n": torch.tensor(2)}
+        >>> b = {"w": torch.tensor([3.0]), "n": torch.tensor(5)}
+        >>> out = weighted_average([(a, 1), (b, 2)])
+        >>> out["w"].item(), out["n"].item()  # (0*1 + 3*2) / 3 = 2; round((2*1 + 5*2) / 3) = 4
+        (2.0, 4)
+    """
+    acc = WeightedMean(integer_policy)
+    for index, (state, weight) in enumerate(results):
+        acc.add(state, weight, site=f"result{index}")
+    return acc.compute()

@@ -1,0 +1,103 @@
+"""A small non-segmentation project (a classifier on random data) that opts into federation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning.pytorch as pl
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def make_site_data(sites: Sequence[str], sizes: Sequence[int], seed: int = 0, identical: bool = False):
+    gen = torch.Generator().manual_seed(seed)
+    data = {}
+    first = None
+    for site, n in zip(sites, sizes, strict=True):
+        if identical and first is not None:
+            data[site] = first
+            continue
+        x = torch.randn(n, 4, generator=gen) + 0.5 * sites.index(site)
+        y = (x.sum(dim=1) > 0.5 * sites.index(site)).long()
+        data[site] = (x, y)
+        first = data[site]
+    return data
+
+
+class ToyDataModule(pl.LightningDataModule):
+    """Per-site loaders through the documented protocol (`site_names`, `site_train_dataloader`)."""
+
+    def __init__(self, sites=("a", "b", "c"), sizes=(24, 16, 8), batch_size=8, shuffle=True, identical=False):
+        super().__init__()
+        self.site_names = list(sites)
+        self.data = make_site_data(self.site_names, sizes, identical=identical)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.requested: list[str] = []
+
+    def site_train_dataloader(self, site: str) -> DataLoader:
+        self.requested.append(site)
+        x, y = self.data[site]
+        ds = TensorDataset(x, y, torch.full((len(y),), self.site_names.index(site)))
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=self.shuffle)
+
+    def train_dataloader(self) -> DataLoader:
+        xs = torch.cat([self.data[s][0] for s in self.site_names])
+        ys = torch.cat([self.data[s][1] for s in self.site_names])
+        idx = torch.cat([torch.full((len(self.data[s][1]),), i) for i, s in enumerate(self.site_names)])
+        return DataLoader(TensorDataset(xs, ys, idx), batch_size=self.batch_size, shuffle=self.shuffle)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [
+            DataLoader(TensorDataset(*self.data[s], torch.full((len(self.data[s][1]),), i)), batch_size=64)
+            for i, s in enumerate(self.site_names)
+        ]
+
+
+class ToyClassifier(pl.LightningModule):
+    """An ordinary LightningModule, unaware of federation; BatchNorm makes buffers matter."""
+
+    def __init__(self, lr: float = 0.05, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(dropout), nn.Linear(8, 2))
+        self.lr = lr
+        self.seen_sites: list[int] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y, site = batch
+        self.seen_sites.extend(site.tolist())
+        loss = nn.functional.cross_entropy(self.net(x), y)
+        self.log("train/loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        x, y, _ = batch
+        acc = (self.net(x).argmax(1) == y).float().mean()
+        name = self.trainer.datamodule.site_names[dataloader_idx]
+        self.log(f"val/{name}/acc", acc, add_dataloader_idx=False)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+def trainer_kwargs(tmp_path, **overrides):
+    kwargs = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=2,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        deterministic=True,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+def states_equal(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
