@@ -8,6 +8,7 @@ validates a BraTS/FeTS folder, reporting every bad case at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -128,10 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _data(args[1:])
     if not args or args[0] in ("-h", "--help"):
         extra = "\n".join(f"  {name:<10} {text}" for name, text in EXTRA_SUBCOMMANDS.items())
-        try:
+        with contextlib.suppress(SystemExit):
             _build_cli(["--help"])
-        except SystemExit:
-            pass
         print(f"\nlightning-fedseg also has:\n{extra}\n")
         return 0 if args else 2
     _build_cli(args, model=BrainTumorSegmentation, data=FederatedDataModule)

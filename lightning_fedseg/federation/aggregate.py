@@ -84,9 +84,7 @@ def check_compatible(reference: State, state: State, site: str) -> None:
                 f"Site {site!r}: `{key}` has shape {tuple(value.shape)}, expected {tuple(ref.shape)}."
             )
         if value.dtype != ref.dtype:
-            raise IncompatibleStateError(
-                f"Site {site!r}: `{key}` has dtype {value.dtype}, expected {ref.dtype}."
-            )
+            raise IncompatibleStateError(f"Site {site!r}: `{key}` has dtype {value.dtype}, expected {ref.dtype}.")
 
 
 def check_finite(state: State, site: str) -> None:
@@ -99,9 +97,7 @@ def check_finite(state: State, site: str) -> None:
 def _check_weight(weight: float, site: str) -> float:
     weight = float(weight)
     if not (weight > 0 and weight != float("inf")):
-        raise ValueError(
-            f"Expected the weight of site {site!r} to be positive and finite, got {weight}."
-        )
+        raise ValueError(f"Expected the weight of site {site!r} to be positive and finite, got {weight}.")
     return weight
 
 
@@ -135,25 +131,17 @@ class WeightedMean:
         """Check ``state`` and add ``weight * state`` to the running sum."""
         weight = _check_weight(weight, site)
         if self._reference is None:
-            self._reference = {
-                k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in state.items()
-            }
+            self._reference = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in state.items()}
         check_compatible(self._reference, state, site)
         check_finite(state, site)
         for key, value in state.items():
             value = value.detach().to("cpu")
             if value.dtype == torch.bool:
                 if key in self._sums and not torch.equal(self._sums[key], value):
-                    raise IncompatibleStateError(
-                        f"Site {site!r}: boolean buffer `{key}` differs between sites."
-                    )
+                    raise IncompatibleStateError(f"Site {site!r}: boolean buffer `{key}` differs between sites.")
                 self._sums[key] = value.clone()
             elif not value.is_floating_point() and self.integer_policy is IntegerPolicy.MAX:
-                self._sums[key] = (
-                    value.clone()
-                    if key not in self._sums
-                    else torch.maximum(self._sums[key], value)
-                )
+                self._sums[key] = value.clone() if key not in self._sums else torch.maximum(self._sums[key], value)
             else:
                 contribution = value.to(torch.float64) * weight
                 if key in self._sums:

@@ -123,9 +123,7 @@ class CollaborationMode(ABC):
     def setup(self, sites: Sequence[str]) -> None:
         """Bind the mode to the sites of the data (called once the data is set up)."""
         if not sites:
-            raise ValueError(
-                f"The `{self.name}` mode needs at least one site, but the data has none."
-            )
+            raise ValueError(f"The `{self.name}` mode needs at least one site, but the data has none.")
         self.sites = tuple(sites)
 
     @abstractmethod
@@ -147,7 +145,7 @@ class CollaborationMode(ABC):
     def state_dict(self) -> dict[str, Any]:
         return {}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: B027 (stateless by default)
         """Restore what :meth:`state_dict` returned."""
 
     def describe(self, round_idx: int) -> str:
@@ -183,14 +181,10 @@ class SingleSite(CollaborationMode):
         super().setup(sites)
         if isinstance(self.site, int):
             if not 0 <= self.site < len(self.sites):
-                raise ValueError(
-                    f"Expected `site` to index one of {len(self.sites)} sites, but got {self.site}."
-                )
+                raise ValueError(f"Expected `site` to index one of {len(self.sites)} sites, but got {self.site}.")
             self.site = self.sites[self.site]
         elif self.site not in self.sites:
-            raise ValueError(
-                f"Expected `site` to be one of {list(self.sites)}, but got {self.site!r}."
-            )
+            raise ValueError(f"Expected `site` to be one of {list(self.sites)}, but got {self.site!r}.")
 
     def plan(self, round_idx: int) -> RoundPlan:
         return RoundPlan((SiteTask(str(self.site), 1),), Aggregation.CHAIN)
@@ -231,9 +225,7 @@ class FedAvg(CollaborationMode):
     def plan(self, round_idx: int) -> RoundPlan:
         sites = self.sites
         if self.fraction < 1.0:
-            count = min(
-                len(sites), max(self.min_fraction_sites, math.ceil(self.fraction * len(sites)))
-            )
+            count = min(len(sites), max(self.min_fraction_sites, math.ceil(self.fraction * len(sites))))
             rng = np.random.default_rng(derive_seed(self.seed, round_idx))
             chosen = sorted(rng.choice(len(sites), size=count, replace=False).tolist())
             sites = tuple(sites[i] for i in chosen)
@@ -270,9 +262,7 @@ class CIIL(CollaborationMode):
             self.sites = self.order
 
     def plan(self, round_idx: int) -> RoundPlan:
-        return RoundPlan(
-            tuple(SiteTask(s, self.epochs_per_site) for s in self.sites), Aggregation.CHAIN
-        )
+        return RoundPlan(tuple(SiteTask(s, self.epochs_per_site) for s in self.sites), Aggregation.CHAIN)
 
     def __repr__(self) -> str:
         return f"CIIL(epochs_per_site={self.epochs_per_site})"
@@ -368,9 +358,7 @@ class IIL(CollaborationMode):
         else:
             self.wait += 1
         self.history.append({"round": round_idx, "site": site, "value": value, "wait": self.wait})
-        capped = (
-            self.max_epochs_per_site is not None and self.epochs_at_site >= self.max_epochs_per_site
-        )
+        capped = self.max_epochs_per_site is not None and self.epochs_at_site >= self.max_epochs_per_site
         if self.wait < self.patience and not capped:
             return RoundDecision()
         decision = RoundDecision(weights=self.best_weights)
@@ -404,9 +392,7 @@ class IIL(CollaborationMode):
         return f"IIL(patience={self.patience}, monitor={self.monitor!r})"
 
 
-_MODES: dict[str, type[CollaborationMode]] = {
-    m.name: m for m in (CDS, FedAvg, CIIL, IIL, SingleSite)
-}
+_MODES: dict[str, type[CollaborationMode]] = {m.name: m for m in (CDS, FedAvg, CIIL, IIL, SingleSite)}
 
 
 def mode_from_name(name: str, **kwargs: Any) -> CollaborationMode:
@@ -414,7 +400,5 @@ def mode_from_name(name: str, **kwargs: Any) -> CollaborationMode:
     try:
         cls = _MODES[name]
     except KeyError:
-        raise KeyError(
-            f"Unknown collaboration mode {name!r}; valid modes are {sorted(_MODES)}."
-        ) from None
+        raise KeyError(f"Unknown collaboration mode {name!r}; valid modes are {sorted(_MODES)}.") from None
     return cls(**kwargs)

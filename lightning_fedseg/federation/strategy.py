@@ -52,7 +52,7 @@ from lightning_fedseg.federation.modes import (
 from lightning_fedseg.federation.placement import assign_sites
 
 if TYPE_CHECKING:
-    from torch.utils.data import DataLoader
+    pass
 
 __all__ = ["FederatedStrategy", "OptimizerStatePolicy", "RoundFailedError", "SiteDataModule"]
 
@@ -278,10 +278,7 @@ class FederatedStrategy(DDPStrategy):
         assert self.cluster_environment is not None
         address = self.cluster_environment.main_address
         try:
-            loopback = all(
-                ipaddress.ip_address(info[4][0]).is_loopback
-                for info in socket.getaddrinfo(address, None)
-            )
+            loopback = all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(address, None))
         except (OSError, ValueError):
             loopback = False
         if not loopback and not self.allow_remote:
@@ -311,9 +308,13 @@ class FederatedStrategy(DDPStrategy):
             return
         self._initial_optimizer_states = [_clone(opt.state_dict()) for opt in self.optimizers]
         self._initial_scheduler_states = [_clone(c.scheduler.state_dict()) for c in self.lr_scheduler_configs]
-        if not any(isinstance(cb, _RoundHooks) for cb in trainer.callbacks):
-            trainer.callbacks.insert(0, _RoundHooks(self))
+        callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]
+        if not any(isinstance(cb, _RoundHooks) for cb in callbacks):
+            callbacks.insert(0, _RoundHooks(self))
         if self.is_multiprocess and not isinstance(self.mode, CDS):
+            # A rank evaluates only its own sites: its loaders for other sites are empty.
+            assert self.lightning_module is not None
+            self.lightning_module.allow_zero_length_dataloader_with_multiple_devices = True
             # Ranks train different numbers of batches per round, so Lightning's per-batch SIGTERM
             # broadcast would pair up unrelated collectives. Sites synchronize at round ends only.
             trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: None  # type: ignore[method-assign]
@@ -413,9 +414,7 @@ class FederatedStrategy(DDPStrategy):
         index = self.completed_rounds
         plan = self.mode.plan(index)
         rank = self.global_rank if self.is_multiprocess else 0
-        local = tuple(
-            i for i, task in enumerate(plan.tasks) if self._placement.get(task.site, 0) == rank
-        )
+        local = tuple(i for i, task in enumerate(plan.tasks) if self._placement.get(task.site, 0) == rank)
         rnd = _Round(index=index, plan=plan, local_tasks=local)
         if plan.aggregation is Aggregation.MEAN:
             rnd.global_state = state_to_cpu(self.lightning_module.state_dict())  # type: ignore[union-attr]
@@ -437,11 +436,11 @@ class FederatedStrategy(DDPStrategy):
         rnd = self._round
         batch = args[0] if args else kwargs.get("batch")
         if batch is _IDLE:
-            return None
+            return self._no_op_loss()
         if rnd is None or rnd.active is None:
             return super().training_step(*args, **kwargs)
         if rnd.active in rnd.failed:
-            return None
+            return self._no_op_loss()
         site = rnd.plan.tasks[rnd.active].site
         try:
             if self.fault_kind == "raise" and self._fault_due(site, rnd.index):
@@ -450,7 +449,12 @@ class FederatedStrategy(DDPStrategy):
         except Exception as err:  # a site's failure must not stop the federation
             rnd.failed[rnd.active] = f"{type(err).__name__}: {err}"
             rank_zero_warn(f"Round {rnd.index}: site {site!r} failed and is dropped from the round ({err}).")
-            return None
+            return self._no_op_loss()
+
+    def _no_op_loss(self) -> Tensor:
+        """A loss connected to no parameter: the optimizer step changes nothing. (Lightning
+        refuses `None` from `training_step` when several processes run.)"""
+        return torch.zeros((), device=self.root_device, requires_grad=True)
 
     def _fault_due(self, site: str, round_idx: int) -> bool:
         if round_idx in self.fault_schedule.get(site, ()):
@@ -534,14 +538,12 @@ class FederatedStrategy(DDPStrategy):
         rnd = self._round
         if rnd is None:  # cds: plain Lightning training, no site hand-overs
             metrics = _float_metrics(trainer.callback_metrics)
-            decision = self.mode.end_round(
-                self.completed_rounds, metrics, lambda: state_to_cpu(pl_module.state_dict())
-            )
+            decision = self.mode.end_round(self.completed_rounds, metrics, lambda: state_to_cpu(pl_module.state_dict()))
             self.completed_rounds += 1
             trainer.should_stop = trainer.should_stop or decision.stop
             return
         self._finish_round()
-        metrics = _float_metrics(trainer.callback_metrics)
+        metrics = self._merged_metrics(_float_metrics(trainer.callback_metrics))
         decision = self.mode.end_round(rnd.index, metrics, lambda: state_to_cpu(pl_module.state_dict()))
         if decision.weights is not None:
             pl_module.load_state_dict(decision.weights)
@@ -549,8 +551,8 @@ class FederatedStrategy(DDPStrategy):
         record = {
             "round": rnd.index,
             "sites": list(rnd.plan.sites),
-            "succeeded": self._gather_names(rnd.succeeded),
-            "failed": {rnd.plan.tasks[i].site: msg for i, msg in rnd.failed.items()},
+            "succeeded": sorted(self._gather_union(set(rnd.succeeded))),
+            "failed": self._gather_union({rnd.plan.tasks[i].site: msg for i, msg in rnd.failed.items()}),
             "train_seconds": rnd.train_seconds,
             "comm_seconds": rnd.comm_seconds,
             "bytes_sent": rnd.bytes_sent,
@@ -585,14 +587,28 @@ class FederatedStrategy(DDPStrategy):
         try:
             return fn(*args, **kwargs)
         except Exception as err:
-            missing = [s for s in self._sites if self._placement.get(s) != self.global_rank]
+            missing = self._unresponsive_sites()
             raise RuntimeError(
-                f"Round {rnd.index}: the {what} between sites failed or timed out after"
-                f" {self._timeout}; a peer process is gone or hung (sites on other ranks:"
-                f" {missing}). The last round checkpoint is intact. Cause: {err}"
+                f"Round {rnd.index}: the {what} failed or timed out (timeout {self._timeout});"
+                f" missing: {missing}. The last round checkpoint is intact and resumable."
+                f" Cause: {err}"
             ) from err
         finally:
             rnd.comm_seconds += time.perf_counter() - start
+
+    def _unresponsive_sites(self) -> str:
+        """Name the sites of the processes that do not answer (gloo's monitored barrier)."""
+        others = {s: r for s, r in self._placement.items() if r != self.global_rank}
+        try:
+            dist.monitored_barrier(timeout=timedelta(seconds=5), wait_all_ranks=True)
+        except Exception as err:
+            import re
+
+            match = re.search(r"[Rr]anks? ([\d, ]+) failed", str(err))
+            if match:
+                ranks = {int(r) for r in re.findall(r"\d+", match.group(1))}
+                return str(sorted(s for s, r in others.items() if r in ranks))
+        return f"a process among those of sites {sorted(others)}"
 
     def _reduce_mean(self, rnd: _Round, reference: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], float, int]:
         assert rnd.accumulator is not None
@@ -620,7 +636,7 @@ class FederatedStrategy(DDPStrategy):
             n = reference[key].numel()
             out[key] = flat[offset : offset + n].view(reference[key].shape)
             offset += n
-        return out, float(flat[-2]), int(round(float(flat[-1])))
+        return out, float(flat[-2]), round(float(flat[-1]))
 
     def _sync_chain(self, rnd: _Round, upto: int) -> None:
         """Broadcast the results of tasks ``rnd.synced_tasks .. upto-1`` from their sites' ranks."""
@@ -634,9 +650,20 @@ class FederatedStrategy(DDPStrategy):
             src = self._placement[rnd.plan.tasks[task_idx].site]
             state = module.state_dict()
             ok = 0.0 if task_idx in rnd.failed else 1.0
-            flat = torch.cat([*(v.detach().reshape(-1).double().cpu() for v in state.values()), torch.tensor([ok])])
+            flat = torch.cat(
+                [
+                    *(v.detach().reshape(-1).double().cpu() for v in state.values()),
+                    torch.tensor([ok]),
+                ]
+            )
             flat = flat.to(self._comm_device())
-            self._collective(rnd, f"hand-over of the weights after site {rnd.plan.tasks[task_idx].site!r}", dist.broadcast, flat, src=src)
+            self._collective(
+                rnd,
+                f"hand-over of the weights after site {rnd.plan.tasks[task_idx].site!r}",
+                dist.broadcast,
+                flat,
+                src=src,
+            )
             nbytes = flat.numel() * flat.element_size()
             if src == self.global_rank:
                 rnd.bytes_sent += nbytes * (self.world_size - 1)
@@ -656,8 +683,30 @@ class FederatedStrategy(DDPStrategy):
     def _count_succeeded(self, rnd: _Round) -> int:
         return len(rnd.succeeded)
 
-    def _gather_names(self, names: list[str]) -> list[str]:
-        return sorted(set(names))
+    def _merged_metrics(self, local: dict[str, float]) -> dict[str, float]:
+        """Every process's logged metrics, so that all ranks take the same mode decision: a site's
+        own metric exists on its rank only; keys several ranks logged keep the first finite value."""
+        if not (self.is_multiprocess and dist.is_initialized()):
+            return local
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, local)
+        merged: dict[str, float] = {}
+        for part in gathered:
+            for key, value in part.items():
+                if key not in merged or (value == value and merged[key] != merged[key]):
+                    merged[key] = value
+        return merged
+
+    def _gather_union(self, local: Any) -> Any:
+        """Union of a set or dict over all processes (the object itself in one process)."""
+        if not (self.is_multiprocess and dist.is_initialized()):
+            return local
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, local)
+        merged = type(local)()
+        for part in gathered:
+            merged.update(part)
+        return merged
 
     def _comm_device(self) -> torch.device:
         backend = dist.get_backend() if dist.is_initialized() else "gloo"

@@ -10,7 +10,6 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_fedseg import CDS, CIIL, IIL, FedAvg, FederatedStrategy, RoundFailedError, SingleSite
-
 from tests.federation.toy import ToyClassifier, ToyDataModule, states_equal, trainer_kwargs
 
 
@@ -41,8 +40,12 @@ def fit(tmp_path, strategy, datamodule=None, model=None, **overrides):
 
 def test_fedavg_one_site_equals_plain_training(tmp_path):
     dm_kwargs = dict(sites=("a",), sizes=(40,), shuffle=False)
-    _, fed, _ = fit(tmp_path / "fed", FederatedStrategy(FedAvg(local_epochs=1), optimizer_state="keep"),
-                    ToyDataModule(**dm_kwargs), max_epochs=3)
+    _, fed, _ = fit(
+        tmp_path / "fed",
+        FederatedStrategy(FedAvg(local_epochs=1), optimizer_state="keep"),
+        ToyDataModule(**dm_kwargs),
+        max_epochs=3,
+    )
     pl.seed_everything(0, workers=True)
     plain = ToyClassifier()
     trainer = pl.Trainer(**trainer_kwargs(tmp_path / "plain", max_epochs=3))
@@ -103,7 +106,7 @@ def test_ciil_visits_sites_in_order_and_resets_optimizer(tmp_path):
 def test_keep_policy_continues_each_sites_optimizer(tmp_path):
     recorder = SiteRecorder()
     strategy = FederatedStrategy(FedAvg(), optimizer_state="keep")
-    trainer, _, _ = fit(tmp_path, strategy, callbacks=[recorder], max_epochs=2)
+    fit(tmp_path, strategy, callbacks=[recorder], max_epochs=2)
     opt_states = strategy._site_optimizer_states
     steps = {site: int(next(iter(states[0]["state"].values()))["step"]) for site, states in opt_states.items()}
     assert steps == {"a": 6, "b": 4, "c": 2}  # batches per round x 2 rounds
@@ -176,16 +179,31 @@ def test_too_few_sites_stops_and_keeps_last_checkpoint(tmp_path):
 )
 def test_resume_matches_uninterrupted_run(tmp_path, make_mode, rounds):
     common = dict(enable_checkpointing=True)
-    _, full, _ = fit(tmp_path / "full", FederatedStrategy(make_mode(), optimizer_state="keep"),
-                     max_epochs=rounds, **common)
+    _, full, _ = fit(
+        tmp_path / "full",
+        FederatedStrategy(make_mode(), optimizer_state="keep"),
+        max_epochs=rounds,
+        **common,
+    )
     ckpt = ModelCheckpoint(dirpath=tmp_path / "part" / "ckpt", save_last=True)
-    fit(tmp_path / "part", FederatedStrategy(make_mode(), optimizer_state="keep"), max_epochs=2,
-        callbacks=[ckpt], **common)
+    fit(
+        tmp_path / "part",
+        FederatedStrategy(make_mode(), optimizer_state="keep"),
+        max_epochs=2,
+        callbacks=[ckpt],
+        **common,
+    )
     pl.seed_everything(123)  # a different global RNG state must not matter after resuming
     resumed_model = ToyClassifier()
-    trainer = pl.Trainer(strategy=FederatedStrategy(make_mode(), optimizer_state="keep"),
-                         **trainer_kwargs(tmp_path / "part", max_epochs=rounds, **common))
-    trainer.fit(resumed_model, datamodule=ToyDataModule(), ckpt_path=str(tmp_path / "part" / "ckpt" / "last.ckpt"))
+    trainer = pl.Trainer(
+        strategy=FederatedStrategy(make_mode(), optimizer_state="keep"),
+        **trainer_kwargs(tmp_path / "part", max_epochs=rounds, **common),
+    )
+    trainer.fit(
+        resumed_model,
+        datamodule=ToyDataModule(),
+        ckpt_path=str(tmp_path / "part" / "ckpt" / "last.ckpt"),
+    )
     assert states_equal(resumed_model.state_dict(), full.state_dict())
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import lightning.pytorch as pl
-
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -36,8 +35,15 @@ class ToyDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.requested: list[str] = []
+        self.val_sites = list(self.site_names)
+
+    def restrict_sites(self, sites) -> None:
+        """Called by the strategy on torch.distributed: this process owns only these sites."""
+        self.val_sites = list(sites)
 
     def site_train_dataloader(self, site: str) -> DataLoader:
+        if site not in self.val_sites:
+            raise AssertionError(f"site {site!r} is not owned by this process")
         self.requested.append(site)
         x, y = self.data[site]
         ds = TensorDataset(x, y, torch.full((len(y),), self.site_names.index(site)))
@@ -51,9 +57,16 @@ class ToyDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> list[DataLoader]:
         return [
-            DataLoader(TensorDataset(*self.data[s], torch.full((len(self.data[s][1]),), i)), batch_size=64)
-            for i, s in enumerate(self.site_names)
+            DataLoader(TensorDataset(*self._site_tensors(s, i)), batch_size=64) for i, s in enumerate(self.site_names)
         ]
+
+    def _site_tensors(self, site, index):
+        # Every process returns one loader per site (the same count on every rank); another
+        # process's sites are empty here.
+        x, y = self.data[site]
+        if site not in self.val_sites:
+            x, y = x[:0], y[:0]
+        return x, y, torch.full((len(y),), index)
 
 
 class ToyClassifier(pl.LightningModule):
@@ -61,7 +74,13 @@ class ToyClassifier(pl.LightningModule):
 
     def __init__(self, lr: float = 0.05, dropout: float = 0.0) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(dropout), nn.Linear(8, 2))
+        self.net = nn.Sequential(
+            nn.Linear(4, 8, bias=False),
+            nn.BatchNorm1d(8),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(8, 2),
+        )
         self.lr = lr
         self.seen_sites: list[int] = []
 

@@ -1,0 +1,80 @@
+"""Run the toy federation with N processes (or simulated with N=1); rank 0 saves the final weights.
+
+Usage: python -m tests.federation.dist_run MODE WORLD OUT [--kill-rank R --kill-round K] [--ckpt-dir D]
+Launched exactly like a user's script: Lightning starts the other ranks itself (``devices=WORLD``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import warnings
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from lightning_fedseg import CIIL, IIL, FedAvg, FederatedStrategy
+from tests.federation.toy import ToyClassifier, ToyDataModule
+
+MODES = {
+    "fedavg": lambda: FedAvg(local_epochs=1),
+    "ciil": lambda: CIIL(epochs_per_site=1),
+    "iil": lambda: IIL(patience=1, monitor="val/{site}/acc"),
+}
+
+
+class KillRank(Callback):
+    """Fault drill: the given rank dies abruptly at the start of the given round."""
+
+    def __init__(self, rank: int, round_idx: int) -> None:
+        self.rank, self.round_idx = rank, round_idx
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.global_rank == self.rank and trainer.current_epoch == self.round_idx:
+            os._exit(17)
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore")
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=sorted(MODES))
+    parser.add_argument("world", type=int)
+    parser.add_argument("out")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--sites", type=int, default=3)
+    parser.add_argument("--kill-rank", type=int, default=None)
+    parser.add_argument("--kill-round", type=int, default=1)
+    parser.add_argument("--ckpt-dir", default=None)
+    parser.add_argument("--resume", default=None)
+    parser.add_argument("--timeout", type=float, default=60.0)
+    args = parser.parse_args()
+    pl.seed_everything(0, workers=True)
+    sites = tuple("abcdef"[: args.sites])
+    sizes = (24, 16, 8, 16, 8, 8)[: args.sites]
+    callbacks: list[Callback] = []
+    if args.kill_rank is not None:
+        callbacks.append(KillRank(args.kill_rank, args.kill_round))
+    if args.ckpt_dir:
+        callbacks.append(ModelCheckpoint(dirpath=args.ckpt_dir, save_last=True))
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=args.world,
+        strategy=FederatedStrategy(MODES[args.mode](), timeout=args.timeout, optimizer_state="keep"),
+        max_epochs=args.rounds,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=bool(args.ckpt_dir),
+        num_sanity_val_steps=0,
+        deterministic=True,
+        callbacks=callbacks,
+    )
+    model = ToyClassifier()
+    trainer.fit(model, datamodule=ToyDataModule(sites=sites, sizes=sizes), ckpt_path=args.resume)
+    if trainer.is_global_zero:
+        torch.save({"state": model.state_dict(), "history": trainer.strategy.history}, args.out)
+
+
+if __name__ == "__main__":
+    main()
