@@ -399,8 +399,7 @@ def _check_case(
                 )
                 if convention is LabelConvention.BRATS and set(labels) <= {0, 1, 2, 3}:
                     message += (
-                        " HINT: label 3 marks enhancing tumor from BraTS 2023 on; "
-                        "pass `--label_convention brats2023`."
+                        " HINT: label 3 marks enhancing tumor from BraTS 2023 on; pass `--label_convention brats2023`."
                     )
                 report(path, message)
     return problems
@@ -483,9 +482,7 @@ def _load_nifti(path: Path) -> nib.Nifti1Image:
     return img
 
 
-def _read_volume(
-    path: Path, dtype: type[np.generic] | None
-) -> tuple[nib.Nifti1Image, npt.NDArray[Any]]:
+def _read_volume(path: Path, dtype: type[np.generic] | None) -> tuple[nib.Nifti1Image, npt.NDArray[Any]]:
     try:
         img = _load_nifti(path)
         data = np.asanyarray(img.dataobj)
@@ -520,8 +517,7 @@ def load_case(case: Case, modalities: Sequence[Modality | str] = MODALITIES) -> 
         if path is None:
             expected = " or ".join(case.expected_image_names(modality))
             raise FileNotFoundError(
-                f"Case {case.case_id} has no {modality.value} image: expected {expected} in "
-                f"{case.folder}."
+                f"Case {case.case_id} has no {modality.value} image: expected {expected} in {case.folder}."
             )
         paths.append(path)
     first, first_data = _read_volume(paths[0], np.float32)
@@ -529,17 +525,13 @@ def load_case(case: Case, modalities: Sequence[Modality | str] = MODALITIES) -> 
     for path in paths[1:]:
         _, data = _read_volume(path, np.float32)
         if data.shape != first_data.shape:
-            raise ValueError(
-                f"Shape {data.shape} of {path} differs from {first_data.shape} of {paths[0]}."
-            )
+            raise ValueError(f"Shape {data.shape} of {path} differs from {first_data.shape} of {paths[0]}.")
         channels.append(data)
     seg: npt.NDArray[np.integer] | None = None
     if case.seg is not None:
         _, raw = _read_volume(case.seg, None)
         if raw.shape != channels[0].shape:
-            raise ValueError(
-                f"Shape {raw.shape} of {case.seg} differs from {first_data.shape} of {paths[0]}."
-            )
+            raise ValueError(f"Shape {raw.shape} of {case.seg} differs from {first_data.shape} of {paths[0]}.")
         labels = np.rint(raw) if np.issubdtype(raw.dtype, np.floating) else raw
         fits_uint8 = labels.size == 0 or (labels.min() >= 0 and labels.max() <= 255)
         seg = labels.astype(np.uint8 if fits_uint8 else np.int16)

@@ -210,17 +210,12 @@ def scale_site_sizes(
         raise ValueError(f"Expected `num_sites` to be a positive integer, but got {num_sites}.")
     minimum = min(minimum, num_subjects // num_sites)
     if minimum < 1:
-        raise ValueError(
-            f"Expected `num_subjects` to be at least `num_sites` ({num_sites}), but got "
-            f"{num_subjects}."
-        )
+        raise ValueError(f"Expected `num_subjects` to be at least `num_sites` ({num_sites}), but got {num_subjects}.")
     weights = np.asarray(reference if len(reference) == num_sites else [1] * num_sites, float)
     spare = num_subjects - minimum * num_sites
     shares = weights / weights.sum() * num_subjects
     extra = np.maximum(shares - minimum, 0)
-    extra = (
-        extra / extra.sum() * spare if extra.sum() > 0 else np.full(num_sites, spare / num_sites)
-    )
+    extra = extra / extra.sum() * spare if extra.sum() > 0 else np.full(num_sites, spare / num_sites)
     sizes = np.floor(extra).astype(int)
     order = np.argsort(-(extra - sizes), kind="stable")
     sizes[order[: spare - sizes.sum()]] += 1
@@ -259,9 +254,7 @@ def make_site_profiles(num_sites: int, seed: int = 0) -> list[SiteProfile]:
     for i in range(n):
         contrast = []
         for m in MODALITIES:
-            row = np.asarray(_BASE_CONTRAST[m]) * np.exp(
-                rng.normal(0, 0.08, len(_BASE_CONTRAST[m]))
-            )
+            row = np.asarray(_BASE_CONTRAST[m]) * np.exp(rng.normal(0, 0.08, len(_BASE_CONTRAST[m])))
             row[_BG] = 0.0
             if m is Modality.FLAIR:
                 row[_WM] = 0.45
@@ -447,9 +440,7 @@ def _tumour(rng: np.random.Generator, axes: Axes, site: SiteProfile, anatomy: _A
         lo = int(np.searchsorted(flat, t - reach - step))
         hi = int(np.searchsorted(flat, t + reach + step)) + 1
         box.append(slice(max(lo, 0), min(hi, flat.size)))
-    sub_axes = [
-        a[tuple(box[d] if d == i else slice(None) for d in range(3))] for i, a in enumerate(axes)
-    ]
+    sub_axes = [a[tuple(box[d] if d == i else slice(None) for d in range(3))] for i, a in enumerate(axes)]
     sub = (box[0], box[1], box[2])
     centre = tuple(c - s.start for c, s in zip(centre_vox, box, strict=True))
 
@@ -477,9 +468,7 @@ def _tumour(rng: np.random.Generator, axes: Axes, site: SiteProfile, anatomy: _A
     necrosis = np.zeros_like(core)
     if enhancing and necrosis_fraction > 0:
         necrosis_noise = _smooth_noise(rng, sub_axes, max(0.5 * r_core, 5.0))
-        necrosis = (
-            core_field + 0.08 * necrosis_noise < necrosis_fraction
-        ) & ndimage.binary_erosion(core)
+        necrosis = (core_field + 0.08 * necrosis_noise < necrosis_fraction) & ndimage.binary_erosion(core)
     return _Tumour(sub, whole, core, necrosis, enhancing, r_edema)
 
 
@@ -504,13 +493,9 @@ def _lesions(
         centre = np.unravel_index(index, tissue.shape)
         radius_vox = rng.uniform(3.0, 7.0) / spacing
         lo = [max(0, int(c - r) - 1) for c, r in zip(centre, radius_vox, strict=True)]
-        hi = [
-            min(n, int(c + r) + 2) for c, r, n in zip(centre, radius_vox, tissue.shape, strict=True)
-        ]
+        hi = [min(n, int(c + r) + 2) for c, r, n in zip(centre, radius_vox, tissue.shape, strict=True)]
         grids = np.ogrid[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
-        distance2 = sum(
-            ((g - c) / r) ** 2 for g, c, r in zip(grids, centre, radius_vox, strict=True)
-        )
+        distance2 = sum(((g - c) / r) ** 2 for g, c, r in zip(grids, centre, radius_vox, strict=True))
         box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
         lesions[box] |= np.asarray(distance2 <= 1) & (tissue[box] == _WM)
     return lesions
@@ -565,9 +550,7 @@ def generate_subject(
     tumour_seg[tumour.core] = LabelConvention(convention).enhancing_label if tumour.enhancing else 1
     tumour_seg[tumour.necrosis] = 1
 
-    sub_axes = [
-        a[tuple(box[d] if d == i else slice(None) for d in range(3))] for i, a in enumerate(axes)
-    ]
+    sub_axes = [a[tuple(box[d] if d == i else slice(None) for d in range(3))] for i, a in enumerate(axes)]
     texture_noise = _smooth_noise(rng, sub_axes, max(0.4 * tumour.edema_radius_mm, 6.0))
     texture = np.ones(shape, np.float32)
     texture[box] += 0.08 * texture_noise * tumour.whole
@@ -608,25 +591,17 @@ def _parameters(
     resolved_shape = FULL_SHAPE if full_size else DEFAULT_SHAPE if shape is None else shape
     resolved_shape = tuple(int(s) for s in resolved_shape)
     if len(resolved_shape) != 3 or min(resolved_shape) < 8:
-        raise ValueError(
-            f"Expected `shape` to be 3 sizes of at least 8 voxels, but got {resolved_shape}."
-        )
+        raise ValueError(f"Expected `shape` to be 3 sizes of at least 8 voxels, but got {resolved_shape}.")
     if not isinstance(seed, int | np.integer) or seed < 0:
         raise ValueError(f"Expected `seed` to be a non-negative integer, but got {seed}.")
     if site_sizes is not None:
         sizes = tuple(int(s) for s in site_sizes)
         if not sizes or min(sizes) < 1:
-            raise ValueError(
-                f"Expected `site_sizes` to be positive subject counts, but got {sizes}."
-            )
+            raise ValueError(f"Expected `site_sizes` to be positive subject counts, but got {sizes}.")
         if num_sites is not None and num_sites != len(sizes):
-            raise ValueError(
-                f"Expected `num_sites` ({num_sites}) to match len(site_sizes) ({len(sizes)})."
-            )
+            raise ValueError(f"Expected `num_sites` ({num_sites}) to match len(site_sizes) ({len(sizes)}).")
         if num_subjects is not None and num_subjects != sum(sizes):
-            raise ValueError(
-                f"Expected `num_subjects` ({num_subjects}) to equal sum(site_sizes) ({sum(sizes)})."
-            )
+            raise ValueError(f"Expected `num_subjects` ({num_subjects}) to equal sum(site_sizes) ({sum(sizes)}).")
     else:
         num_sites = len(PAPER_SITE_SIZES) if num_sites is None else num_sites
         num_subjects = DEFAULT_NUM_SUBJECTS if num_subjects is None else num_subjects
@@ -634,8 +609,7 @@ def _parameters(
             raise ValueError(f"Expected `num_sites` to be a positive integer, but got {num_sites}.")
         if num_subjects < num_sites:
             raise ValueError(
-                f"Expected `num_subjects` to be at least `num_sites` ({num_sites}), but got "
-                f"{num_subjects}."
+                f"Expected `num_subjects` to be at least `num_sites` ({num_sites}), but got {num_subjects}."
             )
         sizes = scale_site_sizes(num_subjects, num_sites)
     return {
@@ -693,9 +667,7 @@ def _read_complete(out: Path) -> SyntheticDataset | None:
     try:
         manifest = json.loads((out / MANIFEST_NAME).read_text())
         with (out / PARTITION_NAME).open(newline="") as f:
-            subject_sites = {
-                row["Subject_ID"]: int(row["Partition_ID"]) for row in csv.DictReader(f)
-            }
+            subject_sites = {row["Subject_ID"]: int(row["Partition_ID"]) for row in csv.DictReader(f)}
         parameters = manifest["parameters"]
     except (OSError, ValueError, KeyError, TypeError):
         return None

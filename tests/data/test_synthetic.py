@@ -129,9 +129,7 @@ def test_generation_is_deterministic() -> None:
 def test_brats2023_convention_writes_label_3() -> None:
     site = make_site_profiles(1, seed=0)[0]
     seeds = range(6)
-    labels = set().union(
-        *(np.unique(generate_subject(site, TINY, s, "brats2023").seg) for s in seeds)
-    )
+    labels = set().union(*(np.unique(generate_subject(site, TINY, s, "brats2023").seg) for s in seeds))
     assert 3 in labels and 4 not in labels
 
 
@@ -165,9 +163,7 @@ def test_write_dataset_layout_partition_and_manifest(tmp_path: Path) -> None:
 
     assert data.root == out
     assert data.site_sizes == (4, 3)
-    assert (
-        str(data) == f"synthetic dataset at {out}: 7 subjects of 24x24x12 voxels in 2 sites (4, 3)"
-    )
+    assert str(data) == f"synthetic dataset at {out}: 7 subjects of 24x24x12 voxels in 2 sites (4, 3)"
     ids = [f"BraTS_SYN_{k:04d}" for k in range(1, 8)]
     assert data.subject_ids == ids
     assert sorted(p.name for p in out.iterdir()) == [*ids, "dataset.json", "partition.csv"]

@@ -1,0 +1,364 @@
+"""A disk cache of preprocessed volumes, so each NIfTI case is decoded and normalized once.
+
+Each case gets a folder ``<cache_dir>/<case_id>-<key>/`` holding
+
+* ``image.npy``: float32 ``[C, x, y, Z]``, z-scored and centre-cropped, stored in Fortran order
+  so that an axial slice ``image[..., z]`` is one contiguous block of the memory map;
+* ``labels.npy``: uint8 ``[x, y, Z]`` raw BraTS labels, same order (absent without a
+  segmentation);
+* ``meta.json``: shapes, crop, per-slice brain/tumour flags and the labels present. It is
+  written last and marks the entry complete.
+
+The key hashes the source files (resolved path, size, ``mtime_ns``), the preprocessing settings
+(modalities, crop size) and :data:`CACHE_VERSION`: editing a NIfTI file, changing a setting or
+bumping the version gives a new entry, never a stale one. Every file is written to a temporary
+file in the same folder, flushed, fsynced and moved into place with :func:`os.replace`, so an
+interrupted run leaves at most an entry without ``meta.json``, which is rebuilt, never trusted.
+
+The default location is ``$LIGHTNING_FEDSEG_CACHE`` or ``~/.cache/lightning_fedseg/preprocessed``
+(``$XDG_CACHE_HOME`` is honoured), never the data folder, which may be read-only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, cast
+
+import nibabel as nib
+import numpy as np
+import numpy.typing as npt
+from nibabel.spatialimages import SpatialImage
+
+from lightning_fedseg.data.cases import Case, CaseReference, load_case
+from lightning_fedseg.data.conventions import LabelConvention, Modality
+from lightning_fedseg.data.preprocess import (
+    SlicePolicy,
+    centre_crop_slices,
+    preprocess_volume,
+    resolve_crop_size,
+    select_slices,
+)
+
+__all__ = [
+    "CACHE_ENV",
+    "CACHE_VERSION",
+    "CachedCase",
+    "VolumeCache",
+    "default_cache_dir",
+]
+
+CACHE_VERSION = 1
+"""Bump whenever preprocessing changes what is written, so old entries are not reused."""
+
+CACHE_ENV = "LIGHTNING_FEDSEG_CACHE"
+"""Environment variable overriding the default cache folder."""
+
+_META = "meta.json"
+_IMAGE = "image.npy"
+_LABELS = "labels.npy"
+
+
+def default_cache_dir() -> Path:
+    """The default cache folder.
+
+    ``$LIGHTNING_FEDSEG_CACHE`` when set, else ``lightning_fedseg/preprocessed`` under
+    ``$XDG_CACHE_HOME`` or ``~/.cache``.
+    """
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "lightning_fedseg" / "preprocessed"
+
+
+@dataclass(frozen=True)
+class CachedCase:
+    """A complete cache entry; arrays are opened as read-only memory maps on demand.
+
+    Attributes:
+        case_id: the case's identifier.
+        directory: the entry's folder.
+        image_shape: ``(C, x, y, Z)`` of the cached image.
+        full_shape: ``(X, Y, Z)`` of the original volume.
+        crop: the X and Y slices the centre crop took.
+        brain_slices: per z, whether the cropped slice holds brain.
+        tumour_slices: per z, whether it holds a non-zero label (``None`` without labels).
+        labels_present: the distinct label values of the (uncropped) segmentation.
+        reference_path: the first modality's NIfTI file (affine and header for predictions).
+        seg_path: the segmentation file, if any (named in label errors).
+    """
+
+    case_id: str
+    directory: Path
+    image_shape: tuple[int, int, int, int]
+    full_shape: tuple[int, int, int]
+    crop: tuple[slice, slice]
+    brain_slices: tuple[bool, ...]
+    tumour_slices: tuple[bool, ...] | None
+    labels_present: tuple[int, ...]
+    reference_path: Path
+    seg_path: Path | None
+
+    @property
+    def has_labels(self) -> bool:
+        """Whether the entry holds a label map."""
+        return self.tumour_slices is not None
+
+    @property
+    def num_slices(self) -> int:
+        """Number of axial slices ``Z``."""
+        return self.image_shape[3]
+
+    def image(self) -> npt.NDArray[np.float32]:
+        """The image ``[C, x, y, Z]`` as a read-only memory map."""
+        return np.load(self.directory / _IMAGE, mmap_mode="r")
+
+    def labels(self) -> npt.NDArray[np.uint8] | None:
+        """The label map ``[x, y, Z]`` as a read-only memory map, or ``None``."""
+        if not self.has_labels:
+            return None
+        return np.load(self.directory / _LABELS, mmap_mode="r")
+
+    def reference(self) -> CaseReference:
+        """Where predictions of this case go back to (see :class:`CaseReference`)."""
+        return CaseReference(self.reference_path, self.full_shape, self.crop)
+
+    def slices(self, policy: SlicePolicy | str, seed: int = 0) -> npt.NDArray[np.int64]:
+        """The z indices ``policy`` keeps (see :func:`select_slices`)."""
+        tumour = None if self.tumour_slices is None else np.array(self.tumour_slices)
+        return select_slices(policy, np.array(self.brain_slices), tumour, seed, self.case_id)
+
+    def check_labels(self, convention: LabelConvention | str) -> None:
+        """Raise a ``ValueError`` naming the segmentation file if a label is invalid."""
+        convention = LabelConvention(convention)
+        invalid = sorted(set(self.labels_present) - convention.valid_labels)
+        if invalid:
+            hint = ""
+            if convention is LabelConvention.BRATS and 3 in invalid:
+                hint = " HINT: BraTS 2023 and later mark enhancing tumor 3; use `brats2023`."
+            raise ValueError(
+                f"{self.seg_path}: labels {invalid} are not valid under label convention "
+                f"{convention.value} (valid: {sorted(convention.valid_labels)}).{hint}"
+            )
+
+
+def _fingerprint(path: Path) -> list[Any]:
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write ``path`` through a same-folder temporary file, fsync, then rename into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _save_npy(path: Path, array: npt.NDArray[Any]) -> None:
+    fortran = np.asfortranarray(array)
+    _atomic_write(path, lambda handle: np.save(handle, fortran, allow_pickle=False))
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    text = json.dumps(data, indent=1).encode()
+
+    def write(handle: IO[bytes]) -> None:
+        handle.write(text)
+
+    _atomic_write(path, write)
+
+
+class VolumeCache:
+    """Preprocessed, memory-mapped volumes keyed by source files and settings.
+
+    Args:
+        cache_dir: the cache folder (created on first write); ``None`` for
+            :func:`default_cache_dir`.
+        modalities: the channels, in order.
+        crop_size: the centre crop (``None``: 128 for 240-wide volumes, else none).
+
+    Example:
+        >>> cache = VolumeCache("/tmp/cache", ["flair"], crop_size=32)
+        >>> cache.settings()
+        {'version': 1, 'modalities': ['flair'], 'crop_size': 32}
+    """
+
+    def __init__(
+        self,
+        cache_dir: Path | str | None = None,
+        modalities: Sequence[Modality | str] = (Modality.FLAIR,),
+        crop_size: int | None = None,
+    ) -> None:
+        if not modalities:
+            raise ValueError("Expected `modalities` to name at least one modality, but got none.")
+        if crop_size is not None and (isinstance(crop_size, bool) or not isinstance(crop_size, int) or crop_size < 1):
+            raise ValueError(f"Expected `crop_size` to be a positive integer, but got {crop_size}.")
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        self.modalities = tuple(Modality(m) for m in modalities)
+        self.crop_size = crop_size
+
+    def settings(self) -> dict[str, Any]:
+        """The preprocessing settings that enter every key."""
+        return {
+            "version": CACHE_VERSION,
+            "modalities": [m.value for m in self.modalities],
+            "crop_size": self.crop_size,
+        }
+
+    def _sources(self, case: Case) -> list[Path]:
+        missing = [m.value for m in self.modalities if m not in case.images]
+        if missing:
+            raise FileNotFoundError(f"Case {case.case_id} in {case.folder} has no {', '.join(missing)} image.")
+        return [case.images[m] for m in self.modalities]
+
+    def key(self, case: Case) -> str:
+        """The hash identifying ``case`` under the current settings and source files."""
+        sources = self._sources(case)
+        payload = {
+            "settings": self.settings(),
+            "case_id": case.case_id,
+            "images": [_fingerprint(p) for p in sources],
+            "seg": None if case.seg is None else _fingerprint(case.seg),
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+
+    def entry_dir(self, case: Case) -> Path:
+        """The folder of ``case``'s entry (whether or not it exists)."""
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", case.case_id)
+        return self.cache_dir / f"{safe}-{self.key(case)}"
+
+    def lookup(self, case: Case) -> CachedCase | None:
+        """The complete entry of ``case``, or ``None`` when missing, partial or stale."""
+        directory = self.entry_dir(case)
+        try:
+            meta = json.loads((directory / _META).read_text())
+        except (OSError, ValueError):
+            return None
+        if meta.get("key") != directory.name.rsplit("-", 1)[-1] or meta.get("settings") != (self.settings()):
+            return None
+        if not (directory / _IMAGE).is_file():
+            return None
+        if meta["has_labels"] and not (directory / _LABELS).is_file():
+            return None
+        return _from_meta(directory, meta)
+
+    def get(self, case: Case) -> CachedCase:
+        """The entry of ``case``, building it first when needed (the only NIfTI read)."""
+        return self.lookup(case) or self.build(case)
+
+    def build(self, case: Case) -> CachedCase:
+        """Read, preprocess and write ``case``; ``meta.json`` is written last.
+
+        Raises:
+            ValueError: the volumes cannot be preprocessed; the message names the case folder.
+        """
+        directory = self.entry_dir(case)
+        loaded = load_case(case, self.modalities)
+        labels_present: list[int] = []
+        if loaded.seg is not None:
+            labels_present = [int(v) for v in np.unique(loaded.seg)]
+            if labels_present and (labels_present[0] < 0 or labels_present[-1] > 255):
+                raise ValueError(f"{case.seg}: labels {labels_present} are outside the BraTS range 0..255.")
+        try:
+            volume = preprocess_volume(loaded.image, loaded.seg, self.crop_size)
+        except ValueError as err:
+            raise ValueError(f"Cannot preprocess {case.case_id} in {case.folder}: {err}") from err
+        directory.mkdir(parents=True, exist_ok=True)
+        _save_npy(directory / _IMAGE, volume.image)
+        if volume.labels is not None:
+            _save_npy(directory / _LABELS, volume.labels)
+        meta = {
+            "key": directory.name.rsplit("-", 1)[-1],
+            "settings": self.settings(),
+            "case_id": case.case_id,
+            "image_shape": list(volume.image.shape),
+            "full_shape": list(volume.full_shape),
+            "crop": [[c.start, c.stop] for c in volume.crop],
+            "brain_slices": volume.brain_slices.astype(int).tolist(),
+            "tumour_slices": None if volume.tumour_slices is None else volume.tumour_slices.astype(int).tolist(),
+            "labels_present": labels_present,
+            "reference_path": str(self._sources(case)[0]),
+            "seg_path": None if case.seg is None else str(case.seg),
+            "has_labels": volume.labels is not None,
+        }
+        _write_json(directory / _META, meta)
+        _fsync_dir(directory)
+        return _from_meta(directory, meta)
+
+    def reference(self, case: Case) -> CaseReference:
+        """The :class:`CaseReference` of ``case``, from the cache or the NIfTI header alone."""
+        cached = self.lookup(case)
+        if cached is not None:
+            return cached.reference()
+        path = self._sources(case)[0]
+        shape = tuple(int(s) for s in _open_nifti(path).shape)
+        if len(shape) != 3:
+            raise ValueError(f"Expected a 3D volume in {path}, but its shape is {shape}.")
+        full_shape = (shape[0], shape[1], shape[2])
+        size = resolve_crop_size(self.crop_size, (shape[0], shape[1]))
+        return CaseReference(path, full_shape, centre_crop_slices((shape[0], shape[1]), size))
+
+    def tumour_volume(self, case: Case) -> int:
+        """Number of non-zero segmentation voxels of ``case``, remembered in a small file.
+
+        Reads only the segmentation (never the images), once per segmentation file.
+        """
+        if case.seg is None:
+            raise ValueError(f"Case {case.case_id} in {case.folder} has no segmentation.")
+        key = hashlib.sha256(json.dumps(_fingerprint(case.seg)).encode()).hexdigest()[:24]
+        path = self.cache_dir / "tumour_volumes" / f"{key}.json"
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            return int(json.loads(path.read_text())["voxels"])
+        try:
+            voxels = int(np.count_nonzero(np.asanyarray(_open_nifti(case.seg).dataobj)))
+        except Exception as err:
+            raise OSError(f"Cannot read {case.seg}: {err}") from err
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_json(path, {"seg": str(case.seg), "voxels": voxels})
+        return voxels
+
+
+def _open_nifti(path: Path) -> SpatialImage:
+    """Open a NIfTI header (voxel data stays on disk until read)."""
+    return cast(SpatialImage, nib.load(path))
+
+
+def _from_meta(directory: Path, meta: dict[str, Any]) -> CachedCase:
+    (x0, x1), (y0, y1) = meta["crop"]
+    tumour = meta["tumour_slices"]
+    return CachedCase(
+        case_id=meta["case_id"],
+        directory=directory,
+        image_shape=tuple(meta["image_shape"]),
+        full_shape=tuple(meta["full_shape"]),
+        crop=(slice(x0, x1), slice(y0, y1)),
+        brain_slices=tuple(bool(v) for v in meta["brain_slices"]),
+        tumour_slices=None if tumour is None else tuple(bool(v) for v in tumour),
+        labels_present=tuple(meta["labels_present"]),
+        reference_path=Path(meta["reference_path"]),
+        seg_path=None if meta["seg_path"] is None else Path(meta["seg_path"]),
+    )

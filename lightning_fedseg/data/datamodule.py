@@ -1,0 +1,647 @@
+"""FederatedDataModule: institutions (sites) of 2D axial slices over cached, memory-mapped volumes.
+
+The data module finds the cases of a BraTS/FeTS-layout folder (or writes the synthetic default
+dataset), splits subjects into sites, validation and held-out sets (see
+:mod:`lightning_fedseg.data.partition`), preprocesses each case once into the
+:class:`~lightning_fedseg.data.cache.VolumeCache` and serves slices from memory maps.
+
+It hands the federation strategy one site's loaders by name (``site_train_dataloader``,
+``site_val_dataloader``, ``site_num_samples``) and Lightning the usual pooled loaders. Batches are
+dicts ``image`` ``[B, C, H, W]`` float32, ``target`` ``[B, K, H, W]`` float32 in {0, 1},
+``case_id`` list of str, ``slice_index`` and ``num_slices`` int64 ``[B]``. Validation, test and
+predict loaders yield every slice of each case, case by case, z ascending.
+
+``setup`` only splits subjects (from file names); a case is preprocessed into the cache the
+first time one of its loaders or counts is asked for. With ``sites=[...]`` or
+:meth:`FederatedDataModule.restrict_sites` a process materializes only those sites (one rank
+per site under torch.distributed): other sites' volumes are never read, so ``site_num_samples``
+and the site loaders are available for the process's own sites only (``site_num_subjects``
+for any site), and ``val_dataloader`` / ``val_loader_names`` / ``train_dataloader`` /
+``test_dataloader`` cover those sites.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_fedseg.data.cache import CachedCase, VolumeCache
+from lightning_fedseg.data.cases import Case, CaseReference, discover_cases
+from lightning_fedseg.data.conventions import (
+    LabelConvention,
+    Modality,
+    Target,
+    labels_to_regions,
+)
+from lightning_fedseg.data.partition import (
+    PAPER_HELDOUT_FRACTION,
+    PAPER_SIMULATED_HELDOUT,
+    Partition,
+    dirichlet_split,
+    paper_split,
+    paper_split_by_site,
+    read_fets_csv,
+    read_site_assignment,
+    simulated_split,
+)
+from lightning_fedseg.data.preprocess import SlicePolicy
+from lightning_fedseg.data.synthetic import DEFAULT_SHAPE, PARTITION_NAME, ensure_synthetic_dataset
+
+__all__ = ["FederatedDataModule", "PartitionMode", "SliceDataset"]
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, Any]
+
+
+class PartitionMode(StrEnum):
+    """How subjects become sites.
+
+    ``auto``: the FeTS CSV when ``partition_csv`` is given, else the institutions of the
+    dataset's own ``partition.csv`` (synthetic data), else the paper split. ``paper``: the
+    paper's 10-institution split. ``simulated``: ``num_sites`` equal sites. ``fets``: a FeTS
+    partition CSV. ``dirichlet``: a tumour-size-skewed non-IID split.
+    """
+
+    AUTO = "auto"
+    PAPER = "paper"
+    SIMULATED = "simulated"
+    FETS = "fets"
+    DIRICHLET = "dirichlet"
+
+
+class SliceDataset(Dataset[Batch]):
+    """Axial slices of cached volumes, case by case in the given order, z as given.
+
+    Memory maps are opened lazily in the process that reads them (never pickled to workers).
+
+    Args:
+        cases: the cached cases.
+        slices: the z indices to serve of each case.
+        target: whole tumour (1 channel) or the three regions.
+        convention: which label marks enhancing tumour.
+        with_target: whether samples carry a ``target`` (every case then needs labels).
+    """
+
+    def __init__(
+        self,
+        cases: Sequence[CachedCase],
+        slices: Sequence[npt.NDArray[np.int64]],
+        target: Target | str = Target.WT,
+        convention: LabelConvention | str = LabelConvention.BRATS,
+        with_target: bool = True,
+    ) -> None:
+        if len(cases) != len(slices):
+            raise ValueError(f"Expected one slice list per case, got {len(slices)} for {len(cases)}.")
+        unlabeled = [c.case_id for c in cases if not c.has_labels]
+        if with_target and unlabeled:
+            raise ValueError(f"Cases without a segmentation cannot give targets: {unlabeled}.")
+        self.cases = list(cases)
+        self.target = Target(target)
+        self.convention = LabelConvention(convention)
+        self.with_target = with_target
+        counts = [len(s) for s in slices]
+        self.case_index = np.repeat(np.arange(len(self.cases)), counts)
+        self.z_index = np.concatenate([np.asarray(s, np.int64) for s in slices]) if slices else np.zeros(0, np.int64)
+        self._counts = counts
+        # Region masks of every possible uint8 label, so a slice's target is one table lookup.
+        self._regions = labels_to_regions(np.arange(256), self.target, self.convention)
+        self._open: dict[int, tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8] | None]] = {}
+
+    def __len__(self) -> int:
+        return len(self.z_index)
+
+    @property
+    def num_slices(self) -> dict[str, int]:
+        """Slices served of each case."""
+        return {c.case_id: n for c, n in zip(self.cases, self._counts, strict=True)}
+
+    def _arrays(self, i: int) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8] | None]:
+        if i not in self._open:
+            case = self.cases[i]
+            self._open[i] = (case.image(), case.labels() if self.with_target else None)
+        return self._open[i]
+
+    def __getitem__(self, index: int) -> Batch:
+        i, z = int(self.case_index[index]), int(self.z_index[index])
+        image, labels = self._arrays(i)
+        sample: Batch = {
+            "image": torch.from_numpy(np.array(image[..., z], dtype=np.float32, order="C")),
+            "case_id": self.cases[i].case_id,
+            "slice_index": z,
+            "num_slices": self._counts[i],
+        }
+        if labels is not None:
+            regions = self._regions[:, np.asarray(labels[..., z])]
+            sample["target"] = torch.from_numpy(regions.astype(np.float32))
+        return sample
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_open"] = {}
+        return state
+
+
+def _positive_int(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Expected `{name}` to be a positive integer, but got {value!r}.")
+
+
+def _choice(enum: type[StrEnum], value: Any, name: str) -> Any:
+    try:
+        return enum(value)
+    except ValueError:
+        choices = ", ".join(repr(m.value) for m in enum)
+        raise ValueError(f"Expected `{name}` to be one of {choices}, but got {value!r}.") from None
+
+
+class FederatedDataModule(LightningDataModule):
+    """Sites of 2D slices for federated (and centralized) brain-tumour segmentation.
+
+    Args:
+        data_root: a BraTS/FeTS-layout dataset folder; ``None`` writes (once) and uses the
+            synthetic dataset of ``synthetic_*``.
+        partition: ``auto``, ``paper``, ``simulated``, ``fets`` or ``dirichlet`` (see
+            :class:`PartitionMode`). ``dirichlet`` reads every subject's segmentation (once,
+            remembered in the cache) to know its tumour volume, also in a process restricted
+            to some ``sites``; the other modes need file names only.
+        partition_csv: a FeTS partition CSV (``fets``, or ``auto``).
+        num_sites: number of sites of the ``simulated`` and ``dirichlet`` splits.
+        num_heldout: held-out (test) subjects, as a count (int) or fraction (float). ``None``:
+            45/210 for the paper splits, 32/210 for ``simulated``/``dirichlet`` (the paper's 32
+            of 210), none for ``fets``.
+        val_fraction: share of each site's subjects used for validation.
+        dirichlet_alpha: Dirichlet concentration of ``dirichlet`` (smaller is more skewed).
+        modalities: the input channels, e.g. ``["flair"]`` (the paper) or all four.
+        target: ``wt`` (whole tumour, 1 channel) or ``regions`` (WT, TC, ET).
+        label_convention: ``brats`` (enhancing tumour 4) or ``brats2023`` (3).
+        crop_size: in-plane centre crop; ``None`` crops 240-wide volumes to 128, others not.
+        slice_policy: training slices: ``all``, ``brain`` or ``balanced``. Validation, test
+            and predict loaders always use every slice.
+        batch_size: slices per batch.
+        num_workers: DataLoader workers (also threads preprocessing cases into the cache).
+        cache_dir: the preprocessed-volume cache (default ``~/.cache/lightning_fedseg/...``).
+        seed: seed of the partition and the balanced slice draw.
+        synthetic_subjects: subjects of the synthetic default (``None``: its default).
+        synthetic_shape: volume shape ``(X, Y, Z)`` of the synthetic default.
+        synthetic_seed: seed of the synthetic default.
+        predict_root: a folder of cases to predict (no segmentation needed); ``None`` predicts
+            the held-out cases.
+        sites: materialize only these sites in this process (one rank per site).
+
+    Example:
+        >>> dm = FederatedDataModule(data_root="/data/brats", partition="simulated", num_sites=4)
+        >>> dm.in_channels, dm.target
+        (1, <Target.WT: 'wt'>)
+    """
+
+    def __init__(
+        self,
+        data_root: str | None = None,
+        partition: Literal["auto", "paper", "simulated", "fets", "dirichlet"] = "auto",
+        partition_csv: str | None = None,
+        num_sites: int = 10,
+        num_heldout: int | float | None = None,
+        val_fraction: float = 0.2,
+        dirichlet_alpha: float = 0.5,
+        modalities: Sequence[str] = ("flair",),
+        target: Literal["wt", "regions"] = "wt",
+        label_convention: Literal["brats", "brats2023"] = "brats",
+        crop_size: int | None = None,
+        slice_policy: Literal["all", "brain", "balanced"] = "brain",
+        batch_size: int = 16,
+        num_workers: int = 0,
+        cache_dir: str | None = None,
+        seed: int = 0,
+        synthetic_subjects: int | None = None,
+        synthetic_shape: tuple[int, int, int] = DEFAULT_SHAPE,
+        synthetic_seed: int = 0,
+        predict_root: str | None = None,
+        sites: list[str] | None = None,
+    ) -> None:
+        mode: PartitionMode = _choice(PartitionMode, partition, "partition")
+        target_: Target = _choice(Target, target, "target")
+        convention: LabelConvention = _choice(LabelConvention, label_convention, "label_convention")
+        policy: SlicePolicy = _choice(SlicePolicy, slice_policy, "slice_policy")
+        if partition_csv is not None and mode not in (PartitionMode.AUTO, PartitionMode.FETS):
+            raise ValueError(
+                f"Expected no `partition_csv` with `partition` {mode.value!r}, but got "
+                f"{partition_csv!r}. HINT: use partition='fets' to split by the CSV."
+            )
+        if mode is PartitionMode.FETS and partition_csv is None:
+            raise ValueError("Expected a `partition_csv` with partition='fets', but got None.")
+        _positive_int(num_sites, "num_sites")
+        if num_heldout is not None and (
+            isinstance(num_heldout, bool)
+            or (isinstance(num_heldout, int) and num_heldout < 0)
+            or (isinstance(num_heldout, float) and not 0.0 <= num_heldout < 1.0)
+        ):
+            raise ValueError(
+                f"Expected `num_heldout` to be a non-negative count or a fraction in [0, 1), but got {num_heldout!r}."
+            )
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"Expected `val_fraction` to be in [0, 1), but got {val_fraction}.")
+        if not dirichlet_alpha > 0:
+            raise ValueError(f"Expected `dirichlet_alpha` to be positive, but got {dirichlet_alpha}.")
+        if isinstance(modalities, str) or not modalities:
+            raise ValueError(f"Expected `modalities` to be a non-empty list, but got {modalities!r}.")
+        chosen = [_choice(Modality, m, "modalities") for m in modalities]
+        if len(set(chosen)) != len(chosen):
+            raise ValueError(f"Expected distinct `modalities`, but got {list(modalities)}.")
+        if crop_size is not None:
+            _positive_int(crop_size, "crop_size")
+        _positive_int(batch_size, "batch_size")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"Expected `num_workers` to be a non-negative integer, but got {num_workers!r}.")
+        if synthetic_subjects is not None:
+            _positive_int(synthetic_subjects, "synthetic_subjects")
+        if len(synthetic_shape) != 3 or any(
+            isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in synthetic_shape
+        ):
+            raise ValueError(f"Expected `synthetic_shape` to be 3 positive integers, but got {synthetic_shape}.")
+        if sites is not None and (not sites or len(set(sites)) != len(sites)):
+            raise ValueError(f"Expected `sites` to name distinct sites, but got {sites!r}.")
+        super().__init__()
+        self.save_hyperparameters()
+        self.data_root = data_root
+        self.partition_mode = mode
+        self.partition_csv = partition_csv
+        self.num_sites = num_sites
+        self.num_heldout = num_heldout
+        self.val_fraction = val_fraction
+        self.dirichlet_alpha = dirichlet_alpha
+        self.modalities: tuple[Modality, ...] = tuple(chosen)
+        self.target = target_
+        self.label_convention = convention
+        self.crop_size = crop_size
+        self.slice_policy = policy
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.synthetic_subjects = synthetic_subjects
+        self.synthetic_shape = tuple(synthetic_shape)
+        self.synthetic_seed = synthetic_seed
+        self.predict_root = predict_root
+        self.sites = None if sites is None else list(sites)
+        self.cache = VolumeCache(cache_dir, self.modalities, crop_size)
+        self._root: Path | None = None
+        self._cases: dict[str, Case] = {}
+        self._partition: Partition | None = None
+        self._predict_cases: dict[str, Case] | None = None
+        self._cached: dict[tuple[str, str], CachedCase] = {}
+
+    # ------------------------------------------------------------------ partition
+    @property
+    def in_channels(self) -> int:
+        """Number of input channels (modalities)."""
+        return len(self.modalities)
+
+    @property
+    def root(self) -> Path:
+        """The dataset folder (the synthetic default is written on first use)."""
+        if self._root is None:
+            if self.data_root is None:
+                self._root = self._ensure_synthetic()
+            else:
+                self._root = Path(self.data_root).expanduser()
+        return self._root
+
+    def _ensure_synthetic(self) -> Path:
+        params: dict[str, Any] = {
+            "shape": self.synthetic_shape,
+            "seed": self.synthetic_seed,
+            "num_workers": max(1, self.num_workers),
+        }
+        if self.synthetic_subjects is not None:
+            params["num_subjects"] = self.synthetic_subjects
+        return Path(ensure_synthetic_dataset(None, **params))
+
+    @property
+    def partition(self) -> Partition:
+        """The sites, validation and held-out subjects (computed from file names only)."""
+        if self._partition is None:
+            self._partition = self._make_partition()
+        return self._partition
+
+    @property
+    def site_names(self) -> list[str]:
+        """All institutions of the federation, in a fixed order."""
+        return self.partition.site_names
+
+    @property
+    def local_site_names(self) -> list[str]:
+        """The sites this process materializes (``sites``, else all), in site order."""
+        names = self.site_names
+        if self.sites is None:
+            return names
+        unknown = [s for s in self.sites if s not in names]
+        if unknown:
+            raise ValueError(f"Expected `sites` among {names}, but got unknown sites {unknown}.")
+        return [s for s in names if s in self.sites]
+
+    @property
+    def val_loader_names(self) -> list[str]:
+        """The site of each loader of :meth:`val_dataloader`."""
+        return self.local_site_names
+
+    def _heldout(self, default: float) -> int | float:
+        return default if self.num_heldout is None else self.num_heldout
+
+    def _make_partition(self) -> Partition:
+        root = self.root
+        cases = discover_cases(root, self.modalities, require_seg=True)
+        self._cases = {c.case_id: c for c in cases}
+        subjects = sorted(self._cases)
+        mode = self.partition_mode
+        dataset_csv = root / PARTITION_NAME
+        if mode is PartitionMode.AUTO:
+            if self.partition_csv is not None:
+                mode = PartitionMode.FETS
+            elif dataset_csv.is_file():
+                assignment = read_site_assignment(dataset_csv)
+                self._check_known(assignment, dataset_csv)
+                fraction = self._fraction(self._heldout(PAPER_HELDOUT_FRACTION), len(assignment))
+                partition = paper_split_by_site(assignment, self.seed, fraction, self.val_fraction)
+                return self._checked(partition)
+            else:
+                mode = PartitionMode.PAPER
+        if mode is PartitionMode.FETS:
+            assert self.partition_csv is not None
+            csv_path = Path(self.partition_csv).expanduser()
+            partition = read_fets_csv(csv_path, self.val_fraction, self.seed, self._heldout(0))
+            self._check_known({s: "" for s in _all_subjects(partition)}, csv_path)
+        elif mode is PartitionMode.PAPER:
+            fraction = self._fraction(self._heldout(PAPER_HELDOUT_FRACTION), len(subjects))
+            partition = paper_split(subjects, self.seed, heldout_fraction=fraction, val_fraction=self.val_fraction)
+        elif mode is PartitionMode.SIMULATED:
+            partition = simulated_split(
+                subjects,
+                self.num_sites,
+                self.seed,
+                self._heldout(PAPER_SIMULATED_HELDOUT / 210),
+                self.val_fraction,
+            )
+        else:
+            sizes = {s: float(self.cache.tumour_volume(self._cases[s])) for s in subjects}
+            partition = dirichlet_split(
+                subjects,
+                sizes,
+                self.num_sites,
+                self.dirichlet_alpha,
+                self.seed,
+                self._heldout(PAPER_SIMULATED_HELDOUT / 210),
+                self.val_fraction,
+            )
+        return self._checked(partition)
+
+    @staticmethod
+    def _fraction(value: int | float, total: int) -> float:
+        return value if isinstance(value, float) else min(value / max(total, 1), 0.999999)
+
+    def _check_known(self, assignment: dict[str, str], csv_path: Path) -> None:
+        missing = sorted(s for s in assignment if s not in self._cases)
+        if missing:
+            shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+            raise ValueError(f"{csv_path}: {len(missing)} subject(s) have no case folder under {self.root}: {shown}.")
+        extra = len(self._cases) - len(assignment)
+        if extra > 0:
+            log.warning("%d case(s) under %s are not in %s; ignored.", extra, self.root, csv_path)
+
+    def _checked(self, partition: Partition) -> Partition:
+        incomplete = []
+        for subject in _all_subjects(partition):
+            case = self._cases[subject]
+            lacking = [m.value for m in self.modalities if m not in case.images]
+            if case.seg is None:
+                lacking.append("seg")
+            if lacking:
+                incomplete.append(f"{subject} (no {', '.join(lacking)})")
+        if incomplete:
+            raise ValueError(
+                f"Cases under {self.root} lack files: {'; '.join(incomplete[:10])}. "
+                f"HINT: run `lightning-fedseg data check {self.root}`."
+            )
+        return partition
+
+    # ------------------------------------------------------------------ cache
+    def prepare_data(self) -> None:
+        """Write the synthetic default dataset if needed (once, before any ``setup``)."""
+        if self.data_root is None:
+            self._ensure_synthetic()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Split the subjects into sites; reads file names (and CSVs) only.
+
+        Nothing is preprocessed here: a case is decoded into the cache the first time a loader
+        or count of its own site needs it, so a process restricted to some sites (by ``sites``
+        or :meth:`restrict_sites`, which the federation strategy calls after ``setup``) never
+        reads another site's volumes.
+        """
+        _ = self.local_site_names  # computes the partition and checks `sites`
+
+    def restrict_sites(self, sites: Sequence[str]) -> None:
+        """Materialize only ``sites`` in this process from now on (one rank per site).
+
+        Raises:
+            ValueError: a site is unknown, or none is given.
+        """
+        sites = [str(s) for s in sites]
+        if not sites or len(set(sites)) != len(sites):
+            raise ValueError(f"Expected `sites` to name distinct sites, but got {sites!r}.")
+        unknown = [s for s in sites if s not in self.site_names]
+        if unknown:
+            raise ValueError(f"Expected `sites` among {self.site_names}, but got unknown sites {unknown}.")
+        self.sites = sites
+
+    def _site_subjects(self, sites: Iterable[str], split: str) -> list[Case]:
+        chosen = [getattr(self.partition.sites[s], split) for s in sites]
+        return [self._cases[subject] for subjects in chosen for subject in subjects]
+
+    def _heldout_subjects(self) -> list[Case]:
+        subjects = self.partition.heldout if self.sites is None else self.partition.heldout_of(self.sites)
+        return [self._cases[s] for s in subjects]
+
+    def _predict_case_map(self) -> dict[str, Case]:
+        if self._predict_cases is None:
+            if self.predict_root is None:
+                self._predict_cases = {c.case_id: c for c in self._heldout_subjects()}
+            else:
+                found = discover_cases(self.predict_root, self.modalities, require_seg=False)
+                self._predict_cases = {c.case_id: c for c in found}
+        return self._predict_cases
+
+    def _cache_cases(self, cases: Sequence[Case], group: str = "train") -> list[CachedCase]:
+        todo = [c for c in cases if (group, c.case_id) not in self._cached]
+        found = {c.case_id: self.cache.lookup(c) for c in todo}
+        missing = [c for c in todo if found[c.case_id] is None]
+        if missing:
+            rank_zero_info(
+                f"Preprocessing {len(missing)} case(s) into {self.cache.cache_dir} "
+                "(NIfTI is decoded once; later epochs and runs read the cache)."
+            )
+            threads = min(len(missing), max(1, self.num_workers))
+            with ThreadPoolExecutor(threads) as pool:
+                built = pool.map(self.cache.build, missing)
+                found.update({c.case_id: e for c, e in zip(missing, built, strict=True)})
+        for case in todo:
+            entry = found[case.case_id]
+            assert entry is not None
+            if entry.has_labels:
+                entry.check_labels(self.label_convention)
+            self._cached[(group, case.case_id)] = entry
+        return [self._cached[(group, c.case_id)] for c in cases]
+
+    # ------------------------------------------------------------------ datasets
+    def _require_local(self, site: str) -> None:
+        if site not in self.site_names:
+            raise KeyError(f"Unknown site {site!r}; the sites are {self.site_names}.")
+        if site not in self.local_site_names:
+            raise ValueError(
+                f"Site {site!r} is not materialized in this process (`sites`={self.sites}). "
+                "HINT: each process only reads and counts its own sites' cases."
+            )
+
+    def _dataset(self, cases: Sequence[Case], group: str, training: bool, with_target: bool = True) -> SliceDataset:
+        cached = self._cache_cases(cases, group)
+        if training:
+            slices = [c.slices(self.slice_policy, self.seed) for c in cached]
+        else:
+            slices = [np.arange(c.num_slices, dtype=np.int64) for c in cached]
+        return SliceDataset(cached, slices, self.target, self.label_convention, with_target)
+
+    def site_train_dataset(self, site: str) -> SliceDataset:
+        """The training slices of ``site`` (per ``slice_policy``)."""
+        self._require_local(site)
+        return self._dataset(self._site_subjects([site], "train"), "train", training=True)
+
+    def site_val_dataset(self, site: str) -> SliceDataset:
+        """Every slice of ``site``'s validation cases, ordered."""
+        self._require_local(site)
+        return self._dataset(self._site_subjects([site], "val"), "train", training=False)
+
+    def _loader(self, dataset: SliceDataset, shuffle: bool, persistent: bool) -> DataLoader[Batch]:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=persistent and self.num_workers > 0,
+        )
+
+    def site_train_dataloader(self, site: str) -> DataLoader[Batch]:
+        """Shuffled training slices of ``site`` (a ``RandomSampler`` with no generator set)."""
+        return self._loader(self.site_train_dataset(site), shuffle=True, persistent=False)
+
+    def site_val_dataloader(self, site: str) -> DataLoader[Batch]:
+        """Every slice of ``site``'s validation cases, case by case, z ascending."""
+        return self._loader(self.site_val_dataset(site), shuffle=False, persistent=False)
+
+    def site_num_subjects(self, site: str) -> int:
+        """Training subjects of ``site``, known for every site without reading any volume.
+
+        A cheap, deterministic size (e.g. to place sites on ranks before restricting them).
+        """
+        if site not in self.site_names:
+            raise KeyError(f"Unknown site {site!r}; the sites are {self.site_names}.")
+        return len(self.partition.sites[site].train)
+
+    def site_num_samples(self, site: str) -> int:
+        """Training slices of ``site``: its FedAvg weight.
+
+        Counting needs the site's volumes (brain and tumour flags), so it is available for this
+        process's sites only and preprocesses them into the cache if needed; use
+        :meth:`site_num_subjects` for a size of any site.
+        """
+        self._require_local(site)
+        cached = self._cache_cases(self._site_subjects([site], "train"))
+        return int(sum(len(c.slices(self.slice_policy, self.seed)) for c in cached))
+
+    def train_dataloader(self) -> DataLoader[Batch]:
+        """Shuffled training slices pooled over this process's sites (centralized training)."""
+        cases = self._site_subjects(self.local_site_names, "train")
+        return self._loader(self._dataset(cases, "train", True), shuffle=True, persistent=True)
+
+    def val_dataloader(self) -> list[DataLoader[Batch]]:
+        """One ordered loader per site of :attr:`val_loader_names`."""
+        return [self.site_val_dataloader(site) for site in self.val_loader_names]
+
+    def test_dataloader(self) -> DataLoader[Batch]:
+        """Every slice of the held-out cases, ordered.
+
+        Raises:
+            ValueError: the partition holds nothing out (e.g. ``fets`` with ``num_heldout``
+                unset).
+        """
+        cases = self._heldout_subjects()
+        if not cases:
+            raise ValueError(
+                f"The {self.partition_mode.value} partition holds no subject out for testing. "
+                "HINT: set `num_heldout` (a count or a fraction)."
+            )
+        return self._loader(self._dataset(cases, "train", False), shuffle=False, persistent=True)
+
+    def predict_dataloader(self) -> DataLoader[Batch]:
+        """Every slice of the ``predict_root`` cases (else the held-out cases), ordered.
+
+        Batches carry ``target`` only when every case has a segmentation.
+        """
+        cases = list(self._predict_case_map().values())
+        if not cases:
+            raise ValueError("There are no cases to predict. HINT: set `predict_root`.")
+        with_target = all(c.seg is not None for c in cases)
+        dataset = self._dataset(cases, "predict", False, with_target)
+        return self._loader(dataset, shuffle=False, persistent=False)
+
+    def case_reference(self, case_id: str) -> CaseReference:
+        """Where a prediction of ``case_id`` goes back to: reference NIfTI, full shape, crop."""
+        for group, cases in (("predict", self._predict_cases or {}), ("train", self._cases)):
+            if case_id in cases:
+                cached = self._cached.get((group, case_id))
+                return cached.reference() if cached else self.cache.reference(cases[case_id])
+        raise KeyError(f"Unknown case {case_id!r}.")
+
+    def describe(self) -> str:
+        """A markdown table: subjects per site (train, val, held-out) and training slices.
+
+        Training slices are counted for this process's sites (preprocessing them if needed);
+        other sites show ``-``.
+        """
+        partition = self.partition
+        local = set(self.local_site_names)
+        by_site = partition.heldout_by_site or {}
+        lines = [
+            "| site | train | val | held-out | training slices |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        totals = [0, 0, 0, 0]
+        for name, split in partition.sites.items():
+            held = len(by_site.get(name, ()))
+            slices = self.site_num_samples(name) if name in local else None
+            totals = [
+                totals[0] + len(split.train),
+                totals[1] + len(split.val),
+                totals[2] + held,
+                totals[3] + (slices or 0),
+            ]
+            shown = "-" if slices is None else str(slices)
+            lines.append(f"| {name} | {len(split.train)} | {len(split.val)} | {held} | {shown} |")
+        unassigned = len(partition.heldout) - totals[2]
+        if unassigned:
+            lines.append(f"| (no site) | 0 | 0 | {unassigned} | - |")
+        lines.append(f"| total | {totals[0]} | {totals[1]} | {len(partition.heldout)} | {totals[3]} |")
+        return "\n".join(lines)
+
+
+def _all_subjects(partition: Partition) -> list[str]:
+    return [s for split in partition.sites.values() for s in split.subjects] + list(partition.heldout)
