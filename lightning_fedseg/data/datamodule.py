@@ -352,8 +352,8 @@ class FederatedDataModule(LightningDataModule):
 
     @property
     def val_loader_names(self) -> list[str]:
-        """The site of each loader of :meth:`val_dataloader`."""
-        return self.local_site_names
+        """The site of each loader of :meth:`val_dataloader`: every site, on every process."""
+        return self.site_names
 
     def _heldout(self, default: float) -> int | float:
         return default if self.num_heldout is None else self.num_heldout
@@ -573,8 +573,18 @@ class FederatedDataModule(LightningDataModule):
         return self._loader(self._dataset(cases, "train", True), shuffle=True, persistent=True)
 
     def val_dataloader(self) -> list[DataLoader[Batch]]:
-        """One ordered loader per site of :attr:`val_loader_names`."""
-        return [self.site_val_dataloader(site) for site in self.val_loader_names]
+        """One ordered loader per site of :attr:`val_loader_names`.
+
+        Every process returns one loader per site, so that loader indices name the same site on
+        every rank; the loaders of sites another process owns are empty here.
+        """
+        local = set(self.local_site_names)
+        return [
+            self.site_val_dataloader(site)
+            if site in local
+            else self._loader(SliceDataset([], [], self.target, self.label_convention), shuffle=False, persistent=False)
+            for site in self.val_loader_names
+        ]
 
     def test_dataloader(self) -> DataLoader[Batch]:
         """Every slice of the held-out cases, ordered.

@@ -28,7 +28,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.strategies import DDPStrategy, Strategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
@@ -302,8 +302,16 @@ class FederatedStrategy(DDPStrategy):
         if isinstance(self.mode, CDS) and self.is_multiprocess:
             super().configure_ddp()
 
+    def _setup_model(self, model: Any) -> Any:
+        if isinstance(self.mode, CDS) and self.is_multiprocess:
+            return super()._setup_model(model)
+        return model
+
     def setup(self, trainer: pl.Trainer) -> None:
-        super().setup(trainer)
+        if self.is_multiprocess:
+            super().setup(trainer)
+        else:  # one process: the single-device path (no process group to synchronize over)
+            Strategy.setup(self, trainer)
         if trainer.state.fn != TrainerFn.FITTING:
             return
         self._initial_optimizer_states = [_clone(opt.state_dict()) for opt in self.optimizers]
@@ -341,9 +349,13 @@ class FederatedStrategy(DDPStrategy):
             raise ValueError("The DataModule reports no sites (`site_names` is empty).")
         self.mode.setup(sites)
         self._sites = sites
-        world = self.world_size if self.is_multiprocess else 1
-        sizes = {s: self._site_weight(datamodule, s, materialize=False) for s in sites}
-        self._placement = assign_sites(sites, sizes, world)
+        if self.is_multiprocess:
+            # Place sites by a size every process knows without reading any site's data.
+            sizer = getattr(datamodule, "site_num_subjects", None)
+            sizes = {s: float(sizer(s)) if sizer is not None else 1.0 for s in sites}
+            self._placement = assign_sites(sites, sizes, self.world_size)
+        else:
+            self._placement = dict.fromkeys(sites, 0)
         if self.is_multiprocess and hasattr(datamodule, "restrict_sites"):
             datamodule.restrict_sites(self.local_sites)
         if self._pending_state is not None:
@@ -361,11 +373,9 @@ class FederatedStrategy(DDPStrategy):
         rank = self.global_rank if self.is_multiprocess else 0
         return tuple(s for s in self._sites if self._placement.get(s, 0) == rank)
 
-    def _site_weight(self, datamodule: Any, site: str, materialize: bool = True) -> float:
+    def _site_weight(self, datamodule: Any, site: str) -> float:
         if hasattr(datamodule, "site_num_samples"):
             return float(datamodule.site_num_samples(site))
-        if not materialize:
-            return 1.0
         loader = self._site_loader(site)
         dataset = getattr(loader, "dataset", None)
         try:

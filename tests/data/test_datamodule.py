@@ -166,7 +166,10 @@ def test_regions_target_and_several_modalities(tiny_dataset: SyntheticDataset, t
 def test_ordered_val_loader_reassembles_volumes(tiny_dataset: SyntheticDataset, tmp_path: Path) -> None:
     dm = _make(tiny_dataset, tmp_path, crop_size=16, batch_size=5, sites=["4", "1"])
     dm.setup("fit")
-    assert dm.val_loader_names == ["1", "4"]  # site order, not the order given
+    assert dm.local_site_names == ["1", "4"]  # site order, not the order given
+    # one loader per site on every process (same indices on every rank); others' are empty
+    assert dm.val_loader_names == ["1", "2", "3", "4"]
+    assert [len(loader.dataset) > 0 for loader in dm.val_dataloader()] == [True, False, False, True]
     order: list[str] = []
     slices: dict[str, list[int]] = defaultdict(list)
     images: dict[str, list[np.ndarray]] = defaultdict(list)
@@ -232,14 +235,15 @@ def test_site_restriction_never_loads_other_sites(
     dm.setup("fit")
     _drain(dm.train_dataloader())
     _drain(dm.site_train_dataloader("2"))
-    assert [len(v.dataset) for v in dm.val_dataloader()] == [TINY_SHAPE[2]]  # type: ignore[arg-type]
+    assert [len(v.dataset) for v in dm.val_dataloader()] == [0, TINY_SHAPE[2], 0, 0]  # type: ignore[arg-type]
     dm.setup("test")
     _drain(dm.test_dataloader())
     own = dm.partition.sites["2"].subjects
     assert dm.partition.heldout_by_site is not None
     assert sorted(loaded) == sorted(own + dm.partition.heldout_by_site["2"])
     assert dm.site_names == ["1", "2", "3", "4"]
-    assert dm.val_loader_names == ["2"]
+    assert dm.val_loader_names == ["1", "2", "3", "4"]
+    assert [len(loader.dataset) for loader in dm.val_dataloader()].count(0) == 3
     with pytest.raises(ValueError, match="Site '1' is not materialized in this process"):
         dm.site_train_dataloader("1")
     with pytest.raises(ValueError, match="not materialized"):
@@ -259,9 +263,10 @@ def test_restrict_sites_after_setup(
     dm.setup("fit")
     assert [dm.site_num_subjects(s) for s in dm.site_names] == [3, 3, 3, 3]
     dm.restrict_sites(["4"])
-    assert dm.val_loader_names == ["4"]
+    assert dm.local_site_names == ["4"]
     _drain(dm.train_dataloader())
-    _drain(dm.val_dataloader()[0])
+    for loader in dm.val_dataloader():
+        _drain(loader)
     assert sorted(loaded) == sorted(dm.partition.sites["4"].subjects)
     with pytest.raises(ValueError, match=r"Expected `sites` among .*unknown sites \['x'\]"):
         dm.restrict_sites(["x"])
