@@ -4,6 +4,7 @@ Importing the package registers the strategy short names (``federated``, ``fedav
 ``iil``, ``ciil``, ``single``) with Lightning's ``StrategyRegistry``.
 """
 
+from lightning_fedseg.data import FederatedDataModule
 from lightning_fedseg.federation import (
     CDS,
     CIIL,
@@ -17,6 +18,7 @@ from lightning_fedseg.federation import (
     SiteDataModule,
     register_strategies,
 )
+from lightning_fedseg.module import BrainTumorSegmentation
 
 __version__ = "0.1.0"
 
@@ -26,7 +28,9 @@ __all__ = [
     "CDS",
     "CIIL",
     "IIL",
+    "BrainTumorSegmentation",
     "FedAvg",
+    "FederatedDataModule",
     "FederatedProgressBar",
     "FederatedRichProgressBar",
     "FederatedStrategy",

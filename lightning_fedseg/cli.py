@@ -57,8 +57,11 @@ def print_site_summary(metrics: Any, trainer: Any) -> None:
     table = Table(title=title)
     table.add_column("site")
     table.add_column("Dice", justify="right")
-    for key in sorted(k for k in values if k != "val/dice"):
-        table.add_row(key.removeprefix("val/").removesuffix("/dice"), f"{values[key]:.4f}")
+    site_names = list(getattr(trainer.datamodule, "site_names", None) or [])
+    order = {name: i for i, name in enumerate(site_names)}
+    sites = [k.removeprefix("val/").removesuffix("/dice") for k in values if k != "val/dice"]
+    for site in sorted(sites, key=lambda name: (order.get(name, len(order)), name)):
+        table.add_row(site, f"{values[f'val/{site}/dice']:.4f}")
     if "val/dice" in values:
         table.add_row("[bold]global (all sites' volumes)[/bold]", f"[bold]{values['val/dice']:.4f}[/bold]")
     Console().print(table)
@@ -133,11 +136,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             _build_cli(["--help"])
         print(f"\nlightning-fedseg also has:\n{extra}\n")
         return 0 if args else 2
-    _build_cli(args, model=BrainTumorSegmentation, data=FederatedDataModule)
+    _build_cli(None if argv is None else args, model=BrainTumorSegmentation, data=FederatedDataModule)
     return 0
 
 
-def _build_cli(args: list[str], model: Any = None, data: Any = None) -> FedSegCLI:
+def _build_cli(args: list[str] | None, model: Any = None, data: Any = None) -> FedSegCLI:
     if model is None:
         from lightning_fedseg.data import FederatedDataModule
         from lightning_fedseg.module import BrainTumorSegmentation

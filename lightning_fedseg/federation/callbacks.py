@@ -19,6 +19,17 @@ def federation_progress(trainer: pl.Trainer) -> dict[str, str]:
 
 
 class _FederatedMetricsMixin:
+    @property
+    def total_train_batches(self) -> int | float:
+        trainer = self.trainer  # type: ignore[attr-defined]
+        from lightning_fedseg.federation.strategy import FederatedStrategy
+
+        if isinstance(trainer.strategy, FederatedStrategy):
+            expected = trainer.strategy.expected_round_batches()
+            if expected is not None:
+                return expected
+        return super().total_train_batches  # type: ignore[misc]
+
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         metrics: dict[str, Any] = super().get_metrics(trainer, pl_module)  # type: ignore[misc]
         info = federation_progress(trainer)

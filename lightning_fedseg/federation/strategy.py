@@ -22,12 +22,14 @@ from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy, Strategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
@@ -188,6 +190,7 @@ class FederatedStrategy(DDPStrategy):
         timeout: timeout of every collective operation (seconds or ``timedelta``); a dead or hung
             rank makes the others stop with an error after this long.
         process_group_backend: ``"gloo"`` (CPU) or ``"nccl"`` (GPU); default by device.
+        start_method, cluster_environment, checkpoint_io, precision_plugin: as for ``DDPStrategy``.
     """
 
     strategy_name = "federated"
@@ -198,14 +201,17 @@ class FederatedStrategy(DDPStrategy):
         optimizer_state: str = OptimizerStatePolicy.RESET,
         min_sites: int = 1,
         seed: int = 0,
-        integer_policy: str = IntegerPolicy.MEAN,
+        integer_policy: str = "mean",
         fault_schedule: Mapping[str, Sequence[int]] | None = None,
         fault_probability: float = 0.0,
         fault_kind: str = "raise",
         allow_remote: bool = False,
         timeout: float | timedelta = 1800.0,
         process_group_backend: str | None = None,
-        **kwargs: Any,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        cluster_environment: ClusterEnvironment | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
     ) -> None:
         if mode is not None and not isinstance(mode, CollaborationMode):
             raise TypeError(f"Expected `mode` to be a CollaborationMode, but got {type(mode).__name__}.")
@@ -223,7 +229,14 @@ class FederatedStrategy(DDPStrategy):
             if timeout <= 0:
                 raise ValueError(f"Expected `timeout` to be positive, but got {timeout}.")
             timeout = timedelta(seconds=float(timeout))
-        super().__init__(timeout=timeout, process_group_backend=process_group_backend, **kwargs)
+        super().__init__(
+            timeout=timeout,
+            process_group_backend=process_group_backend,
+            start_method=start_method,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+        )
         from lightning_fedseg.federation.modes import FedAvg
 
         self.mode = mode if mode is not None else FedAvg()
@@ -489,6 +502,7 @@ class FederatedStrategy(DDPStrategy):
         self._restore_optimizer(task.site)
         torch.manual_seed(derive_seed(self.seed, rnd.index, self._site_index(task_idx, rnd.index), 0, 2))
         rnd.active = task_idx
+        self._call_site_hook("on_site_start", task.site, rnd.index)
         rnd.task_started_at = time.perf_counter()
 
     def _end_task(self) -> None:
@@ -496,9 +510,11 @@ class FederatedStrategy(DDPStrategy):
         module = self.lightning_module
         if rnd is None or rnd.active is None or module is None:
             return
-        task_idx, rnd.active = rnd.active, None
         rnd.train_seconds += time.perf_counter() - rnd.task_started_at
-        site = rnd.plan.tasks[task_idx].site
+        site = rnd.plan.tasks[task_idx := rnd.active].site
+        if task_idx not in rnd.failed:
+            self._call_site_hook("on_site_end", site, rnd.index)
+        rnd.active = None
         state = module.state_dict()
         if task_idx not in rnd.failed:
             if self.fault_kind == "nan" and self._fault_due(site, rnd.index):
@@ -518,6 +534,17 @@ class FederatedStrategy(DDPStrategy):
             self._store_optimizer(site)
         if rnd.plan.aggregation is Aggregation.CHAIN:
             self._sync_chain(rnd, task_idx + 1)
+
+    def _call_site_hook(self, name: str, site: str, round_idx: int) -> None:
+        """Call ``on_site_start`` / ``on_site_end(trainer, pl_module, site, round_idx)`` on the
+        callbacks that define them: at ``on_site_end`` the module holds the site's trained weights."""
+        module = self.lightning_module
+        assert module is not None
+        trainer = module.trainer
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]
+            hook = getattr(callback, name, None)
+            if callable(hook):
+                hook(trainer, module, site, round_idx)
 
     def _finish_round(self) -> None:
         """Close the round: the aggregate becomes the global model (idempotent)."""
@@ -774,6 +801,26 @@ class FederatedStrategy(DDPStrategy):
         return checkpoint
 
     # ------------------------------------------------------------------ display
+    def expected_round_batches(self) -> int | None:
+        """Training batches this process will see in the coming round (for progress bars)."""
+        if isinstance(self.mode, CDS) or not self._ready:
+            return None
+        if self._round is not None and not self._round.finished:
+            plan, index = self._round.plan, self._round.index
+        else:
+            index = self.completed_rounds
+            plan = self.mode.plan(index)
+        rank = self.global_rank if self.is_multiprocess else 0
+        total = 0
+        for task in plan.tasks:
+            if self._placement.get(task.site, 0) != rank:
+                continue
+            try:
+                total += len(self._site_loader(task.site)) * task.epochs
+            except TypeError:
+                return None
+        return max(total, 1)
+
     def progress_info(self) -> dict[str, str]:
         """Round and current site, for progress bars."""
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None

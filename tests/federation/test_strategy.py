@@ -234,3 +234,44 @@ def test_arguments_are_validated():
         FederatedStrategy(min_sites=0)
     with pytest.raises(TypeError, match="`mode`"):
         FederatedStrategy(mode="fedavg")  # type: ignore[arg-type]
+
+
+def test_site_hooks_see_each_sites_trained_weights(tmp_path):
+    class Hooks(Callback):
+        def __init__(self):
+            self.events = []
+
+        def on_site_start(self, trainer, pl_module, site, round_idx):
+            self.events.append(("start", site, round_idx))
+
+        def on_site_end(self, trainer, pl_module, site, round_idx):
+            self.events.append(("end", site, round_idx, pl_module.net[0].weight.detach().clone()))
+
+    hooks = Hooks()
+    fit(tmp_path, FederatedStrategy(FedAvg()), callbacks=[hooks], max_epochs=1)
+    assert [e[:3] for e in hooks.events] == [(kind, site, 0) for site in "abc" for kind in ("start", "end")]
+    ends = [e[3] for e in hooks.events if e[0] == "end"]
+    assert not torch.equal(ends[0], ends[1])  # each site's own local result, before averaging
+
+
+def test_progress_bar_shows_round_and_site(tmp_path):
+    from lightning_fedseg import FederatedProgressBar
+
+    class Spy(FederatedProgressBar):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            self.seen.append(
+                (
+                    self.train_progress_bar.desc,
+                    self.get_metrics(trainer, pl_module)["site"],
+                    self.train_progress_bar.total,
+                )
+            )
+
+    spy = Spy()
+    fit(tmp_path, FederatedStrategy(CIIL()), callbacks=[spy], max_epochs=2, enable_progress_bar=True)
+    assert spy.seen[0] == ("ciil round 0: ", "a", 6) and spy.seen[-1] == ("ciil round 1: ", "c", 6)

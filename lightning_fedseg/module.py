@@ -1,0 +1,449 @@
+"""The segmentation LightningModule: an smp network, the paper's log-Dice loss, BraTS metrics.
+
+Loss. The paper trains on ``log(|P| + |T| + 1) - log(2|P∩T| + 1)``. smp's
+``DiceLoss(log_loss=True, smooth=s)`` computes ``-log((I + s) / (I + (|P| - I)/2 + (|T| - I)/2 +
+s)) = log(|P| + |T| + 2s) - log(2I + 2s)`` with ``I = (|P| + |T| - ||P - T||_1) / 2``, which is
+``Σ p·t`` for a 0/1 target. So ``smooth=0.5`` (our default ``dice_smooth``) gives the paper's
+formula exactly, and smp's ``smooth=1`` would give ``log(|P|+|T|+2) - log(2I+2)``. The sums run
+over the whole batch and image per channel (one "batch Dice" per channel, then the channel mean).
+The paper does not say over what it sums: the authors' group's Keras U-Net (IntelAI/unet,
+``dice_coef_loss``) also flattens the batch, while OpenFL's ``tf_2dunet`` averages per-slice log
+terms and trains with smoothing 32. One difference remains: smp sets a channel's loss to 0 when
+the batch holds no foreground for it, where the paper's formula gives ``log(|P| + 1)`` and still
+punishes false positives; with the paper's batches of 64 shuffled slices that practically never
+happens.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+from enum import StrEnum
+from typing import Any, TypeVar, cast
+
+import segmentation_models_pytorch as smp
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torchmetrics import MeanMetric, Metric
+from torchmetrics.classification import BinaryF1Score
+
+from lightning_fedseg.data.conventions import Target
+from lightning_fedseg.metrics import HausdorffReduction, SliceAssembler, VolumeMetrics
+from lightning_fedseg.plotting import overlay_figure
+
+__all__ = ["BrainTumorSegmentation", "LossName", "build_network", "paper_adam"]
+
+_PLAIN_TYPES = (type(None), bool, int, float, str)
+_E = TypeVar("_E", bound=StrEnum)
+
+
+class LossName(StrEnum):
+    """Training loss: the paper's log Dice, optionally plus binary cross-entropy."""
+
+    DICE = "dice"
+    DICE_BCE = "dice_bce"
+
+
+def paper_adam(params: Iterable[Any]) -> Optimizer:
+    """Adam with the paper's learning rate 5e-4 (the default ``optimizer``)."""
+    return torch.optim.Adam(params, lr=5e-4)
+
+
+def _parse_enum(enum_type: type[_E], value: _E | str, name: str) -> _E:
+    try:
+        return enum_type(value.lower() if isinstance(value, str) else value)
+    except ValueError:
+        choices = [member.value for member in enum_type]
+        raise ValueError(f"Expected `{name}` to be one of {choices}, but got {value!r}.") from None
+
+
+def build_network(
+    arch: str,
+    encoder_name: str,
+    in_channels: int,
+    classes: int,
+    encoder_depth: int = 5,
+    decoder_channels: Sequence[int] | None = (256, 128, 64, 32, 16),
+    encoder_weights: str | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build a network from smp's registry (``smp.create_model``), raw logits out.
+
+    Args:
+        arch: an smp architecture (``"unet"``, ``"unetplusplus"``, ``"fpn"``, ...).
+        encoder_name: an smp encoder, or ``"tu-<timm model>"`` for any timm backbone.
+        in_channels: input channels (modalities).
+        classes: output channels (regions).
+        encoder_depth: number of encoder stages (downsamplings).
+        decoder_channels: decoder widths, one per stage; ``None`` for architectures without it.
+        encoder_weights: pretrained weights to download (e.g. ``"imagenet"``); ``None`` for none.
+        kwargs: passed to the architecture (e.g. ``decoder_attention_type``).
+
+    Raises:
+        KeyError: for an unknown architecture or encoder, listing the valid names.
+
+    Example:
+        >>> net = build_network("unet", "resnet18", 1, 1, encoder_depth=3, decoder_channels=[8] * 3)
+        >>> net(torch.zeros(1, 1, 32, 32)).shape
+        torch.Size([1, 1, 32, 32])
+    """
+    if arch.lower() not in smp.MODEL_ARCHITECTURES_MAPPING:
+        raise KeyError(f"Unknown `arch` {arch!r}; smp's registry has {sorted(smp.MODEL_ARCHITECTURES_MAPPING)}.")
+    if encoder_name.startswith("tu-"):
+        import timm
+
+        if not timm.is_model(encoder_name[3:]):
+            raise KeyError(
+                f"Unknown `encoder_name` {encoder_name!r}: {encoder_name[3:]!r} is not a timm "
+                "model."
+                " HINT: `timm.list_models()` lists the names usable after 'tu-'."
+            )
+    elif encoder_name not in smp.encoders.get_encoder_names():
+        raise KeyError(
+            f"Unknown `encoder_name` {encoder_name!r}; smp's registry has "
+            f"{smp.encoders.get_encoder_names()}, or 'tu-<name>' for any timm model."
+        )
+    if decoder_channels is not None:
+        kwargs["decoder_channels"] = list(decoder_channels)
+    return smp.create_model(
+        arch,
+        encoder_name=encoder_name,
+        encoder_weights=encoder_weights,
+        in_channels=in_channels,
+        classes=classes,
+        encoder_depth=encoder_depth,
+        **kwargs,
+    )
+
+
+def _is_plain(value: Any) -> bool:
+    if isinstance(value, _PLAIN_TYPES):
+        return True
+    if isinstance(value, list | tuple):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    return False
+
+
+def _built_by_lightning_cli() -> bool:
+    """Whether LightningCLI is instantiating the module (it then hands over the config as given)."""
+    try:
+        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+    except ImportError:  # pragma: no cover - a Lightning without it
+        return False
+    return _given_hyperparameters.get() is not None
+
+
+def _compute_quietly(metric: Metric) -> Any:
+    """``metric.compute()`` (which synchronizes across processes) without the no-update warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*was called before the ``update`` method")
+        return metric.compute()
+
+
+class BrainTumorSegmentation(LightningModule):
+    """2D brain-tumor segmentation of BraTS slices, scored per patient volume.
+
+    Batches follow the project's batch contract (``image``, ``target``, ``case_id``,
+    ``slice_index``, ``num_slices``). Validation reassembles each case's slices and logs, over all
+    validation volumes, ``val/dice`` (mean over volumes and regions), ``val/dice_<region>`` and
+    ``val/hd95_<region>``; per validation loader (site) ``val/<site>/dice`` and
+    ``val/<site>/dice_<region>``; and ``val/loss``, ``val/slice_dice``. Testing logs the same
+    global keys under ``test/``. Training logs ``train/loss`` and ``train/dice`` (pixel Dice over
+    the epoch's slices).
+
+    Args:
+        in_channels: number of input modalities.
+        target: ``"wt"`` (one whole-tumor channel, the paper) or ``"regions"`` (WT, TC, ET as
+            three overlapping sigmoid channels).
+        arch: smp architecture.
+        encoder_name: smp encoder, or ``"tu-<timm model>"``. The default ``tu-resnet10t`` with
+            depth 5 and the default decoder is an 8.1M-parameter U-Net, close to the paper's 7.8M.
+        encoder_depth: encoder stages.
+        decoder_channels: decoder widths (one per stage); ``None`` for archs without them.
+        encoder_weights: pretrained encoder weights to download; ``None`` (default) for none.
+        network: any module mapping ``[B, in_channels, H, W]`` to ``[B, K, H, W]`` logits; replaces
+            the smp network built from the arguments above.
+        model_kwargs: extra keyword arguments for the smp architecture.
+        loss: ``"dice"`` (the paper's log Dice, see the module docstring) or ``"dice_bce"``.
+        dice_smooth: smp's Dice smoothing; 0.5 reproduces the paper's Laplace smoothing of 1.
+        optimizer: callable from parameters to an optimizer (LightningCLI ``class_path``).
+        lr_scheduler: callable from the optimizer to a scheduler, or ``None``.
+        threshold: probability above which a voxel is predicted as tumor.
+        compute_hd95: compute HD95 in validation and test (costly on CPU).
+        hd95_reduction: ``"max"`` of the directed 95th percentiles (MONAI, BraTS 2023) or their
+            ``"union"`` (medpy).
+        log_images: how many validation slices (largest ground-truth area) to draw to
+            TensorBoard per validation epoch; 0 disables.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        target: Target | str = "wt",
+        arch: str = "unet",
+        encoder_name: str = "tu-resnet10t",
+        encoder_depth: int = 5,
+        decoder_channels: Sequence[int] | None = (256, 128, 64, 32, 16),
+        encoder_weights: str | None = None,
+        network: nn.Module | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        loss: LossName | str = "dice",
+        dice_smooth: float = 0.5,
+        optimizer: OptimizerCallable = paper_adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        threshold: float = 0.5,
+        compute_hd95: bool = True,
+        hd95_reduction: HausdorffReduction | str = "max",
+        log_images: int = 4,
+    ) -> None:
+        super().__init__()
+        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+            raise ValueError(f"Expected `in_channels` to be a positive integer, but got {in_channels!r}.")
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"Expected `threshold` to be in (0, 1), but got {threshold!r}.")
+        if dice_smooth < 0:
+            raise ValueError(f"Expected `dice_smooth` to be >= 0, but got {dice_smooth!r}.")
+        if isinstance(log_images, bool) or not isinstance(log_images, int) or log_images < 0:
+            raise ValueError(f"Expected `log_images` to be a non-negative integer, but got {log_images!r}.")
+        if network is not None and not isinstance(network, nn.Module):
+            raise TypeError(f"Expected `network` to be a torch.nn.Module, but got {type(network).__name__}.")
+        # Plain strings in the hyperparameters keep checkpoints loadable with weights_only=True.
+        target = _parse_enum(Target, target, "target").value
+        loss = _parse_enum(LossName, loss, "loss").value
+        hd95_reduction = _parse_enum(HausdorffReduction, hd95_reduction, "hd95_reduction").value
+        from_cli = _built_by_lightning_cli()
+        # Under LightningCLI the hyperparameters are the config as given (class_path dicts), which
+        # rebuild everything, a custom network included. Built in Python, an nn.Module network or
+        # a function optimizer cannot be stored: pass them again to `load_from_checkpoint`.
+        self.save_hyperparameters(ignore=None if from_cli else ["network"])
+        if not from_cli:
+            for key in [key for key, value in self.hparams.items() if not _is_plain(value)]:
+                self.hparams.pop(key)
+
+        self.target = Target(target)
+        self.regions = self.target.regions
+        num_classes = len(self.regions)
+        if network is None:
+            network = build_network(
+                arch,
+                encoder_name,
+                in_channels,
+                num_classes,
+                encoder_depth=encoder_depth,
+                decoder_channels=decoder_channels,
+                encoder_weights=encoder_weights,
+                **(model_kwargs or {}),
+            )
+        self.network = network
+        mode = smp.losses.BINARY_MODE if num_classes == 1 else smp.losses.MULTILABEL_MODE
+        self.dice_loss = smp.losses.DiceLoss(mode, log_loss=True, from_logits=True, smooth=dice_smooth)
+        self.bce_loss = smp.losses.SoftBCEWithLogitsLoss() if loss == LossName.DICE_BCE else None
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.threshold = threshold
+        self.compute_hd95 = compute_hd95
+        self.log_images = log_images
+
+        self.train_dice = BinaryF1Score(threshold=threshold, validate_args=False)
+        self.val_slice_dice = BinaryF1Score(threshold=threshold, validate_args=False)
+        self.val_loss = MeanMetric()
+        self.val_metrics = VolumeMetrics(self.regions, compute_hd95, hd95_reduction=hd95_reduction)
+        self.val_site_metrics = nn.ModuleList()  # filled in setup(), one per validation loader
+        self.val_site_names: list[str] = []
+        self.test_loss = MeanMetric()
+        self.test_metrics = VolumeMetrics(self.regions, compute_hd95, hd95_reduction=hd95_reduction)
+        self._assemblers: dict[int, SliceAssembler] = {}
+        self._examples: list[tuple[float, str, dict[str, Any]]] = []
+
+    # ------------------------------------------------------------------ network and loss
+
+    def forward(self, image: Tensor) -> Tensor:
+        """Logits ``[B, K, H, W]`` for images ``[B, C, H, W]``."""
+        return self.network(image)
+
+    def loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        """The training loss of logits against 0/1 targets, both ``[B, K, H, W]``."""
+        if logits.shape != target.shape:
+            raise ValueError(
+                f"Expected the network output {tuple(logits.shape)} to match the target "
+                f"{tuple(target.shape)} ({len(self.regions)} channels for target={self.target})."
+            )
+        value = self.dice_loss(logits, target)
+        if self.bce_loss is not None:
+            value = value + self.bce_loss(logits, target)
+        return value
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer(self.parameters())
+        if self.lr_scheduler is None:
+            return optimizer
+        scheduler = self.lr_scheduler(optimizer)
+        config: dict[str, Any] = {"scheduler": scheduler}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config["monitor"] = "val/loss"
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+    # ------------------------------------------------------------------ training
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        logits = self(batch["image"])
+        target = batch["target"]
+        loss = self.loss(logits, target)
+        batch_size = len(target)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
+        self.train_dice.update(logits.detach().sigmoid(), target.int())
+        self.log("train/dice", self.train_dice, on_step=False, on_epoch=True, batch_size=batch_size)
+        return loss
+
+    # ------------------------------------------------------------------ validation
+
+    def setup(self, stage: str) -> None:
+        """Create one per-site metric for every validation loader the datamodule names.
+
+        Creating them all up front (rather than when a loader first yields) keeps the same
+        metrics, in the same order, on every process, so their synchronization lines up.
+        """
+        datamodule = getattr(self._trainer, "datamodule", None)
+        names = getattr(datamodule, "val_loader_names", None)
+        if names is not None and list(names) != self.val_site_names:
+            self.val_site_names = []
+            self.val_site_metrics = nn.ModuleList()
+            for name in names:
+                self._add_site(str(name))
+
+    def _add_site(self, name: str) -> None:
+        metric = VolumeMetrics(self.regions, compute_hd95=False)
+        self.val_site_metrics.append(metric.to(self.device))
+        self.val_site_names.append(name)
+
+    def on_validation_epoch_start(self) -> None:
+        self._assemblers.clear()
+        self._examples.clear()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        logits = self(batch["image"])
+        target = batch["target"]
+        self.val_loss.update(self.loss(logits, target), weight=len(target))
+        probs = logits.sigmoid()
+        self.val_slice_dice.update(probs, target.int())
+        while len(self.val_site_names) <= dataloader_idx:
+            self._add_site(f"loader{len(self.val_site_names)}")
+        site_metric = cast(VolumeMetrics, self.val_site_metrics[dataloader_idx])
+        for volume in self._add_slices(batch, probs, dataloader_idx):
+            pred, truth = volume.tensors["pred"], volume.tensors["target"]
+            self.val_metrics.update(pred, truth)
+            site_metric.update(pred, truth)
+        if self._should_log_images():
+            self._collect_examples(batch, probs, self.val_site_names[dataloader_idx])
+
+    def on_validation_epoch_end(self) -> None:
+        self._warn_incomplete("validation")
+        self._log_loss("val", self.val_loss)
+        slice_dice = _compute_quietly(self.val_slice_dice)
+        self.val_slice_dice.reset()
+        self.log("val/slice_dice", slice_dice, sync_dist=False)
+        self._log_volume_metrics("val", self.val_metrics)
+        for name, metric in zip(self.val_site_names, self.val_site_metrics, strict=True):
+            self._log_volume_metrics(f"val/{name}", cast(VolumeMetrics, metric))
+        if self._should_log_images():
+            self._draw_examples()
+        self._examples.clear()
+
+    # ------------------------------------------------------------------ test and predict
+
+    def on_test_epoch_start(self) -> None:
+        self._assemblers.clear()
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        logits = self(batch["image"])
+        target = batch["target"]
+        self.test_loss.update(self.loss(logits, target), weight=len(target))
+        for volume in self._add_slices(batch, logits.sigmoid(), dataloader_idx):
+            self.test_metrics.update(volume.tensors["pred"], volume.tensors["target"])
+
+    def on_test_epoch_end(self) -> None:
+        self._warn_incomplete("test")
+        self._log_loss("test", self.test_loss)
+        self._log_volume_metrics("test", self.test_metrics)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        """Sigmoid probabilities ``[B, K, H, W]`` with the slices' case bookkeeping."""
+        return {
+            "case_id": batch["case_id"],
+            "slice_index": batch["slice_index"],
+            "num_slices": batch["num_slices"],
+            "probs": self(batch["image"]).sigmoid(),
+        }
+
+    # ------------------------------------------------------------------ helpers
+
+    def _add_slices(self, batch: dict[str, Any], probs: Tensor, dataloader_idx: int) -> list[Any]:
+        assembler = self._assemblers.setdefault(dataloader_idx, SliceAssembler())
+        return assembler.add(
+            batch["case_id"],
+            batch["slice_index"],
+            batch["num_slices"],
+            pred=(probs > self.threshold).cpu(),
+            target=(batch["target"] > 0.5).cpu(),
+        )
+
+    def _warn_incomplete(self, stage: str) -> None:
+        pending = [case for assembler in self._assemblers.values() for case in assembler.pending]
+        self._assemblers.clear()
+        if pending and not self.trainer.sanity_checking:
+            rank_zero_warn(
+                f"{len(pending)} {stage} case(s) did not receive all their slices and were not "
+                f"scored (e.g. {pending[:3]}). HINT: per-volume metrics need every slice of a case"
+                " in one process; do not limit the batches or shard a case across processes."
+            )
+
+    def _log_loss(self, prefix: str, metric: MeanMetric) -> None:
+        value = _compute_quietly(metric)
+        metric.reset()
+        if not torch.isnan(value):
+            self.log(f"{prefix}/loss", value, sync_dist=False)
+
+    def _log_volume_metrics(self, prefix: str, metric: VolumeMetrics) -> None:
+        values = _compute_quietly(metric)  # synchronizes: called in the same order everywhere
+        metric.reset()
+        if values["volumes"] > 0:
+            for key, value in values.items():
+                if key != "volumes":
+                    self.log(f"{prefix}/{key}", value, sync_dist=False)
+
+    def _should_log_images(self) -> bool:
+        if self.log_images == 0 or self._trainer is None or self.trainer.sanity_checking:
+            return False
+        return self.global_rank == 0 and any(isinstance(logger, TensorBoardLogger) for logger in self.loggers)
+
+    def _collect_examples(self, batch: dict[str, Any], probs: Tensor, site: str) -> None:
+        """Keep the ``log_images`` slices with the largest ground-truth area seen this epoch."""
+        areas = batch["target"].flatten(1).sum(1).tolist()
+        for b, area in enumerate(areas):
+            if area <= 0:
+                continue
+            if len(self._examples) == self.log_images and area <= self._examples[-1][0]:
+                continue
+            title = f"{site} {batch['case_id'][b]} z={int(batch['slice_index'][b])}"
+            example = {
+                "image": batch["image"][b, 0].float().cpu().numpy(),
+                "target": batch["target"][b].cpu().numpy() > 0.5,
+                "pred": probs[b].cpu().numpy() > self.threshold,
+            }
+            self._examples.append((area, title, example))
+            self._examples.sort(key=lambda item: -item[0])
+            del self._examples[self.log_images :]
+
+    def _draw_examples(self) -> None:
+        loggers = [logger for logger in self.loggers if isinstance(logger, TensorBoardLogger)]
+        for i, (_, title, example) in enumerate(self._examples):
+            figure = overlay_figure(example["image"], example["target"], example["pred"], title, self.regions)
+            for logger in loggers:
+                logger.experiment.add_figure(f"val/examples/{i}", figure, global_step=self.global_step, close=False)
