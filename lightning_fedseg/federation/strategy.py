@@ -28,6 +28,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy, Strategy, StrategyRegistry
@@ -333,6 +334,8 @@ class FederatedStrategy(DDPStrategy):
         if not any(isinstance(cb, _RoundHooks) for cb in callbacks):
             callbacks.insert(0, _RoundHooks(self))
         if self.is_multiprocess and not isinstance(self.mode, CDS):
+            # Every site starts from rank 0's initial weights, as DDP would ensure.
+            _sync_module_states(self.lightning_module)  # type: ignore[arg-type]
             # A rank evaluates only its own sites: its loaders for other sites are empty.
             assert self.lightning_module is not None
             self.lightning_module.allow_zero_length_dataloader_with_multiple_devices = True

@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--ckpt-dir", default=None)
     parser.add_argument("--resume", default=None)
     parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--accelerator", default="cpu")
     args = parser.parse_args()
     pl.seed_everything(0, workers=True)
     sites = tuple("abcdef"[: args.sites])
@@ -58,7 +59,7 @@ def main() -> None:
     if args.ckpt_dir:
         callbacks.append(ModelCheckpoint(dirpath=args.ckpt_dir, save_last=True))
     trainer = pl.Trainer(
-        accelerator="cpu",
+        accelerator=args.accelerator,
         devices=args.world,
         strategy=FederatedStrategy(MODES[args.mode](), timeout=args.timeout, optimizer_state="keep"),
         max_epochs=args.rounds,
@@ -73,7 +74,8 @@ def main() -> None:
     model = ToyClassifier()
     trainer.fit(model, datamodule=ToyDataModule(sites=sites, sizes=sizes), ckpt_path=args.resume)
     if trainer.is_global_zero:
-        torch.save({"state": model.state_dict(), "history": trainer.strategy.history}, args.out)
+        state = {k: v.cpu() for k, v in model.state_dict().items()}
+        torch.save({"state": state, "history": trainer.strategy.history}, args.out)
 
 
 if __name__ == "__main__":

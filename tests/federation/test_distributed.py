@@ -94,3 +94,21 @@ def test_killed_rank_stops_the_others_and_the_checkpoint_resumes(tmp_path, simul
     assert proc.returncode == 0, proc.stderr[-3000:]
     for key, value in simulated("fedavg")["state"].items():
         torch.testing.assert_close(load(tmp_path / "resumed.pt")["state"][key], value, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs one GPU per rank: at least 2 GPUs")
+def test_nccl_run_matches_the_simulation(tmp_path, simulated):
+    proc = run("fedavg", 2, tmp_path / "out.pt", "--accelerator", "gpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for key, value in simulated("fedavg")["state"].items():
+        torch.testing.assert_close(load(tmp_path / "out.pt")["state"][key], value, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_simulation_on_one_gpu_matches_cpu(tmp_path, simulated):
+    proc = run("fedavg", 1, tmp_path / "out.pt", "--accelerator", "gpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for key, value in simulated("fedavg")["state"].items():
+        torch.testing.assert_close(load(tmp_path / "out.pt")["state"][key], value, rtol=1e-4, atol=1e-4)
