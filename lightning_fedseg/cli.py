@@ -34,6 +34,15 @@ class FedSegCLI(LightningCLI):
         parser.link_arguments("data.modalities", "model.init_args.in_channels", compute_fn=len)
         parser.link_arguments("data.target", "model.init_args.target")
 
+    def before_instantiate_classes(self) -> None:
+        # `--trainer.enable_progress_bar false` drops the configs' progress bar instead of failing.
+        config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
+        trainer = config.get("trainer")
+        if trainer is None or trainer.get("enable_progress_bar", True) is not False:
+            return
+        callbacks = trainer.get("callbacks") or []
+        trainer["callbacks"] = [c for c in callbacks if "ProgressBar" not in str(getattr(c, "class_path", c))]
+
     def after_fit(self) -> None:
         print_site_summary(self.trainer.callback_metrics, self.trainer)
 
