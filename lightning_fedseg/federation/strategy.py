@@ -44,6 +44,7 @@ from lightning_fedseg.federation.aggregate import (
     finalize_mean,
     state_to_cpu,
 )
+from lightning_fedseg.federation.comm import CommStats, SiteComm
 from lightning_fedseg.federation.modes import (
     CDS,
     POOLED,
@@ -118,9 +119,7 @@ class _Round:
     synced_tasks: int = 0
     finished: bool = False
     train_seconds: float = 0.0
-    comm_seconds: float = 0.0
-    bytes_sent: int = 0
-    bytes_received: int = 0
+    comm: CommStats = field(default_factory=CommStats)
     task_started_at: float = 0.0
 
 
@@ -559,12 +558,17 @@ class FederatedStrategy(DDPStrategy):
         tasks = rnd.plan.tasks
         if rnd.plan.aggregation is Aggregation.MEAN:
             assert rnd.accumulator is not None and rnd.global_state is not None
-            sums, total, succeeded = self._reduce_mean(rnd, rnd.global_state)
+            if self.is_multiprocess and self.integer_policy is not IntegerPolicy.MEAN:
+                raise ValueError("`integer_policy='max'` is not supported on several processes; use 'mean'.")
+            sums, total = rnd.accumulator.sums()
+            sums, total, succeeded = self.comm.all_reduce_sums(
+                sums, total, len(rnd.succeeded), rnd.global_state, rnd.comm, rnd.index
+            )
             if succeeded >= self.min_sites and total > 0:
                 module.load_state_dict(finalize_mean(sums, total, rnd.global_state, self.integer_policy))
         else:
             self._sync_chain(rnd, len(tasks))
-            succeeded = self._count_succeeded(rnd)
+            succeeded = len(rnd.succeeded)
         rnd.finished = True
         if succeeded < self.min_sites:
             failures = "; ".join(f"{tasks[i].site}: {msg}" for i, msg in sorted(rnd.failed.items()))
@@ -583,7 +587,7 @@ class FederatedStrategy(DDPStrategy):
             trainer.should_stop = trainer.should_stop or decision.stop
             return
         self._finish_round()
-        metrics = self._merged_metrics(_float_metrics(trainer.callback_metrics))
+        metrics = self.comm.merged_metrics(_float_metrics(trainer.callback_metrics))
         decision = self.mode.end_round(rnd.index, metrics, lambda: state_to_cpu(pl_module.state_dict()))
         if decision.weights is not None:
             pl_module.load_state_dict(decision.weights)
@@ -591,12 +595,12 @@ class FederatedStrategy(DDPStrategy):
         record = {
             "round": rnd.index,
             "sites": list(rnd.plan.sites),
-            "succeeded": sorted(self._gather_union(set(rnd.succeeded))),
-            "failed": self._gather_union({rnd.plan.tasks[i].site: msg for i, msg in rnd.failed.items()}),
+            "succeeded": sorted(self.comm.gather_union(set(rnd.succeeded))),
+            "failed": self.comm.gather_union({rnd.plan.tasks[i].site: msg for i, msg in rnd.failed.items()}),
             "train_seconds": rnd.train_seconds,
-            "comm_seconds": rnd.comm_seconds,
-            "bytes_sent": rnd.bytes_sent,
-            "bytes_received": rnd.bytes_received,
+            "comm_seconds": rnd.comm.seconds,
+            "bytes_sent": rnd.comm.bytes_sent,
+            "bytes_received": rnd.comm.bytes_received,
         }
         self.history.append(record)
         self.completed_rounds += 1
@@ -622,135 +626,37 @@ class FederatedStrategy(DDPStrategy):
             config.scheduler.load_state_dict(state)
 
     # ------------------------------------------------------------------ communication
-    def _collective(self, rnd: _Round, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        except Exception as err:
-            missing = self._unresponsive_sites()
-            raise RuntimeError(
-                f"Round {rnd.index}: the {what} failed or timed out (timeout {self._timeout});"
-                f" missing: {missing}. The last round checkpoint is intact and resumable."
-                f" Cause: {err}"
-            ) from err
-        finally:
-            rnd.comm_seconds += time.perf_counter() - start
-
-    def _unresponsive_sites(self) -> str:
-        """Name the sites of the processes that do not answer (gloo's monitored barrier)."""
-        others = {s: r for s, r in self._placement.items() if r != self.global_rank}
-        try:
-            dist.monitored_barrier(timeout=timedelta(seconds=5), wait_all_ranks=True)
-        except Exception as err:
-            import re
-
-            match = re.search(r"[Rr]anks? ([\d, ]+) failed", str(err))
-            if match:
-                ranks = {int(r) for r in re.findall(r"\d+", match.group(1))}
-                return str(sorted(s for s, r in others.items() if r in ranks))
-        return f"a process among those of sites {sorted(others)}"
-
-    def _reduce_mean(self, rnd: _Round, reference: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], float, int]:
-        assert rnd.accumulator is not None
-        sums, total = rnd.accumulator.sums()
-        succeeded = len(rnd.succeeded)
-        if not self.is_multiprocess:
-            return dict(sums), total, succeeded
-        if self.integer_policy is not IntegerPolicy.MEAN:
-            raise ValueError("`integer_policy='max'` is not supported on several processes; use 'mean'.")
-        keys = list(reference)
-        parts = [
-            (sums[k] if k in sums else torch.zeros(reference[k].shape, dtype=torch.float64)).reshape(-1).double()
-            for k in keys
-        ]
-        flat = torch.cat([*parts, torch.tensor([total, float(succeeded)], dtype=torch.float64)])
-        flat = flat.to(self._comm_device())
-        self._collective(rnd, "weighted all-reduce", dist.all_reduce, flat, op=dist.ReduceOp.SUM)
-        nbytes = flat.numel() * flat.element_size()
-        rnd.bytes_sent += nbytes
-        rnd.bytes_received += nbytes
-        flat = flat.cpu()
-        out: dict[str, Tensor] = {}
-        offset = 0
-        for key in keys:
-            n = reference[key].numel()
-            out[key] = flat[offset : offset + n].view(reference[key].shape)
-            offset += n
-        return out, float(flat[-2]), round(float(flat[-1]))
+    @property
+    def comm(self) -> SiteComm:
+        """Collectives between this process and the others (a no-op in one process)."""
+        world = self.world_size if self.is_multiprocess else 1
+        backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else "gloo"
+        device = self.root_device if backend == "nccl" else torch.device("cpu")
+        return SiteComm(self._placement, self.global_rank if world > 1 else 0, world, self._timeout, device)
 
     def _sync_chain(self, rnd: _Round, upto: int) -> None:
-        """Broadcast the results of tasks ``rnd.synced_tasks .. upto-1`` from their sites' ranks."""
+        """Hand the results of tasks ``rnd.synced_tasks .. upto-1`` over from their sites' processes."""
         module = self.lightning_module
         assert module is not None
+        comm = self.comm
         while rnd.synced_tasks < upto:
             task_idx = rnd.synced_tasks
             rnd.synced_tasks += 1
-            if not self.is_multiprocess:
+            if not comm.active:
                 continue
-            src = self._placement[rnd.plan.tasks[task_idx].site]
-            state = module.state_dict()
-            ok = 0.0 if task_idx in rnd.failed else 1.0
-            flat = torch.cat(
-                [
-                    *(v.detach().reshape(-1).double().cpu() for v in state.values()),
-                    torch.tensor([ok]),
-                ]
+            site = rnd.plan.tasks[task_idx].site
+            received, ok = comm.broadcast_state(
+                module.state_dict(),
+                ok=task_idx not in rnd.failed,
+                src=self._placement[site],
+                stats=rnd.comm,
+                round_idx=rnd.index,
+                what=f"hand-over of the weights after site {site!r}",
             )
-            flat = flat.to(self._comm_device())
-            self._collective(
-                rnd,
-                f"hand-over of the weights after site {rnd.plan.tasks[task_idx].site!r}",
-                dist.broadcast,
-                flat,
-                src=src,
-            )
-            nbytes = flat.numel() * flat.element_size()
-            if src == self.global_rank:
-                rnd.bytes_sent += nbytes * (self.world_size - 1)
-                continue
-            rnd.bytes_received += nbytes
-            flat = flat.cpu()
-            new_state: dict[str, Tensor] = {}
-            offset = 0
-            for key, value in state.items():
-                n = value.numel()
-                new_state[key] = flat[offset : offset + n].view(value.shape).to(value.dtype)
-                offset += n
-            module.load_state_dict(new_state)
-            if flat[-1] > 0.5:
-                rnd.succeeded.append(rnd.plan.tasks[task_idx].site)
-
-    def _count_succeeded(self, rnd: _Round) -> int:
-        return len(rnd.succeeded)
-
-    def _merged_metrics(self, local: dict[str, float]) -> dict[str, float]:
-        """Every process's logged metrics, so that all ranks take the same mode decision: a site's
-        own metric exists on its rank only; keys several ranks logged keep the first finite value."""
-        if not (self.is_multiprocess and dist.is_initialized()):
-            return local
-        gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, local)
-        merged: dict[str, float] = {}
-        for part in gathered:
-            for key, value in part.items():
-                if key not in merged or (value == value and merged[key] != merged[key]):
-                    merged[key] = value
-        return merged
-
-    def _gather_union(self, local: Any) -> Any:
-        """Union of a set or dict over all processes (the object itself in one process)."""
-        if not (self.is_multiprocess and dist.is_initialized()):
-            return local
-        gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, local)
-        merged = type(local)()
-        for part in gathered:
-            merged.update(part)
-        return merged
-
-    def _comm_device(self) -> torch.device:
-        backend = dist.get_backend() if dist.is_initialized() else "gloo"
-        return self.root_device if backend == "nccl" else torch.device("cpu")
+            if received is not None:
+                module.load_state_dict(received)
+                if ok:
+                    rnd.succeeded.append(site)
 
     # ------------------------------------------------------------------ checkpoints
     def federation_state_dict(self) -> dict[str, Any]:

@@ -275,3 +275,25 @@ def test_progress_bar_shows_round_and_site(tmp_path):
     spy = Spy()
     fit(tmp_path, FederatedStrategy(CIIL()), callbacks=[spy], max_epochs=2, enable_progress_bar=True)
     assert spy.seen[0] == ("ciil round 0: ", "a", 6) and spy.seen[-1] == ("ciil round 1: ", "c", 6)
+
+
+@pytest.mark.parametrize(
+    "address, allow_remote, refused",
+    [("127.0.0.1", False, False), ("localhost", False, False), ("10.1.2.3", False, True), ("10.1.2.3", True, False)],
+)
+def test_non_loopback_address_needs_acknowledgement(monkeypatch, address, allow_remote, refused):
+    from lightning.fabric.plugins.environments import LightningEnvironment
+
+    monkeypatch.setenv("MASTER_ADDR", address)
+    monkeypatch.setenv("MASTER_PORT", "29555")
+    strategy = FederatedStrategy(FedAvg(), allow_remote=allow_remote, cluster_environment=LightningEnvironment())
+    strategy.parallel_devices = [torch.device("cpu")] * 2
+    initialized = []
+    monkeypatch.setattr(pl.strategies.DDPStrategy, "setup_distributed", lambda self: initialized.append(True))
+    if refused:
+        with pytest.raises(RuntimeError, match="refuses to bind the non-loopback address '10.1.2.3'"):
+            strategy.setup_distributed()
+        assert not initialized
+    else:
+        strategy.setup_distributed()
+        assert initialized == [True]
