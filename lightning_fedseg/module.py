@@ -32,6 +32,7 @@ from torch.optim import Optimizer
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import BinaryF1Score
 
+from lightning_fedseg._validation import check_int
 from lightning_fedseg.data.conventions import Target
 from lightning_fedseg.metrics import HausdorffReduction, SliceAssembler, VolumeMetrics
 from lightning_fedseg.plotting import overlay_figure
@@ -204,14 +205,12 @@ class BrainTumorSegmentation(LightningModule):
         log_images: int = 4,
     ) -> None:
         super().__init__()
-        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
-            raise ValueError(f"Expected `in_channels` to be a positive integer, but got {in_channels!r}.")
+        check_int("in_channels", in_channels)
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"Expected `threshold` to be in (0, 1), but got {threshold!r}.")
         if dice_smooth < 0:
             raise ValueError(f"Expected `dice_smooth` to be >= 0, but got {dice_smooth!r}.")
-        if isinstance(log_images, bool) or not isinstance(log_images, int) or log_images < 0:
-            raise ValueError(f"Expected `log_images` to be a non-negative integer, but got {log_images!r}.")
+        check_int("log_images", log_images, minimum=0)
         if network is not None and not isinstance(network, nn.Module):
             raise TypeError(f"Expected `network` to be a torch.nn.Module, but got {type(network).__name__}.")
         # Plain strings in the hyperparameters keep checkpoints loadable with weights_only=True.

@@ -36,6 +36,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_fedseg._validation import check_int
 from lightning_fedseg.data.cache import CachedCase, VolumeCache
 from lightning_fedseg.data.cases import Case, CaseReference, discover_cases
 from lightning_fedseg.data.conventions import (
@@ -153,11 +154,6 @@ class SliceDataset(Dataset[Batch]):
         return state
 
 
-def _positive_int(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"Expected `{name}` to be a positive integer, but got {value!r}.")
-
-
 def _choice(enum: type[StrEnum], value: Any, name: str) -> Any:
     try:
         return enum(value)
@@ -241,7 +237,7 @@ class FederatedDataModule(LightningDataModule):
             )
         if mode is PartitionMode.FETS and partition_csv is None:
             raise ValueError("Expected a `partition_csv` with partition='fets', but got None.")
-        _positive_int(num_sites, "num_sites")
+        check_int("num_sites", num_sites)
         if num_heldout is not None and (
             isinstance(num_heldout, bool)
             or (isinstance(num_heldout, int) and num_heldout < 0)
@@ -260,12 +256,11 @@ class FederatedDataModule(LightningDataModule):
         if len(set(chosen)) != len(chosen):
             raise ValueError(f"Expected distinct `modalities`, but got {list(modalities)}.")
         if crop_size is not None:
-            _positive_int(crop_size, "crop_size")
-        _positive_int(batch_size, "batch_size")
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"Expected `num_workers` to be a non-negative integer, but got {num_workers!r}.")
+            check_int("crop_size", crop_size)
+        check_int("batch_size", batch_size)
+        check_int("num_workers", num_workers, minimum=0)
         if synthetic_subjects is not None:
-            _positive_int(synthetic_subjects, "synthetic_subjects")
+            check_int("synthetic_subjects", synthetic_subjects)
         if len(synthetic_shape) != 3 or any(
             isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in synthetic_shape
         ):

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lightning_fedseg._validation import check_int
+
 __all__ = [
     "PAPER_HELDOUT_FRACTION",
     "PAPER_SIMULATED_HELDOUT",
@@ -474,8 +476,7 @@ def simulated_split(
         ([3, 3, 2, 2], 32)
     """
     subjects = _unique_subjects(subjects)
-    if isinstance(num_sites, bool) or not isinstance(num_sites, int) or num_sites < 1:
-        raise ValueError(f"Expected `num_sites` to be a positive integer, but got {num_sites}.")
+    check_int("num_sites", num_sites)
     n = len(subjects)
     held = resolve_count(num_heldout, n)
     if n - held < num_sites:
@@ -527,12 +528,10 @@ def dirichlet_split(
         The partition; held-out subjects belong to no site.
     """
     subjects = _unique_subjects(subjects)
-    if isinstance(num_sites, bool) or not isinstance(num_sites, int) or num_sites < 1:
-        raise ValueError(f"Expected `num_sites` to be a positive integer, but got {num_sites}.")
+    check_int("num_sites", num_sites)
     if not alpha > 0 or not math.isfinite(alpha):
         raise ValueError(f"Expected `alpha` to be positive, but got {alpha}.")
-    if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
-        raise ValueError(f"Expected `num_bins` to be a positive integer, but got {num_bins}.")
+    check_int("num_bins", num_bins)
     missing = [s for s in subjects if s not in sizes]
     if missing:
         raise ValueError(f"`sizes` has no size for subjects: {', '.join(sorted(missing))}.")

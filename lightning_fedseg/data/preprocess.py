@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from lightning_fedseg._validation import check_int
+
 __all__ = [
     "BRATS_CROP_SIZE",
     "BRATS_WIDTH",
@@ -126,8 +128,7 @@ def centre_crop_slices(shape_xy: tuple[int, int], crop_size: int | None) -> tupl
     x, y = (int(s) for s in shape_xy)
     if crop_size is None:
         return slice(0, x), slice(0, y)
-    if isinstance(crop_size, bool) or not isinstance(crop_size, int) or crop_size < 1:
-        raise ValueError(f"Expected `crop_size` to be a positive integer, but got {crop_size}.")
+    check_int("crop_size", crop_size)
     if crop_size > x or crop_size > y:
         raise ValueError(
             f"Expected `crop_size` to fit in the {x}x{y} plane, but got {crop_size}. "

@@ -34,6 +34,8 @@ from typing import Any, ClassVar
 import numpy as np
 from torch import Tensor
 
+from lightning_fedseg._validation import check_int
+
 __all__ = [
     "CDS",
     "CIIL",
@@ -101,12 +103,6 @@ class RoundDecision:
     """Weights that replace the global model (IIL passing on its best weights)."""
     stop: bool = False
     """The collaboration is complete (IIL after its last site)."""
-
-
-def _positive_int(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"Expected `{name}` to be a positive integer, but got {value!r}.")
-    return value
 
 
 class CollaborationMode(ABC):
@@ -215,11 +211,11 @@ class FedAvg(CollaborationMode):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.local_epochs = _positive_int("local_epochs", local_epochs)
+        self.local_epochs = check_int("local_epochs", local_epochs)
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"Expected `fraction` to be in (0, 1], but got {fraction}.")
         self.fraction = fraction
-        self.min_fraction_sites = _positive_int("min_fraction_sites", min_fraction_sites)
+        self.min_fraction_sites = check_int("min_fraction_sites", min_fraction_sites)
         self.seed = seed
 
     def plan(self, round_idx: int) -> RoundPlan:
@@ -248,7 +244,7 @@ class CIIL(CollaborationMode):
 
     def __init__(self, epochs_per_site: int = 1, order: Sequence[str] | None = None) -> None:
         super().__init__()
-        self.epochs_per_site = _positive_int("epochs_per_site", epochs_per_site)
+        self.epochs_per_site = check_int("epochs_per_site", epochs_per_site)
         self.order = tuple(order) if order is not None else None
 
     def setup(self, sites: Sequence[str]) -> None:
@@ -297,11 +293,11 @@ class IIL(CollaborationMode):
         min_delta: float = 0.0,
     ) -> None:
         super().__init__()
-        self.patience = _positive_int("patience", patience)
+        self.patience = check_int("patience", patience)
         if mode not in ("max", "min"):
             raise ValueError(f"Expected `mode` to be 'max' or 'min', but got {mode!r}.")
         if max_epochs_per_site is not None:
-            _positive_int("max_epochs_per_site", max_epochs_per_site)
+            check_int("max_epochs_per_site", max_epochs_per_site)
         self.monitor = monitor
         self.mode = mode
         self.order = tuple(order) if order is not None else None

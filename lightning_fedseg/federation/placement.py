@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from lightning_fedseg._validation import check_int
+
 __all__ = ["assign_sites"]
 
 
@@ -28,8 +30,7 @@ def assign_sites(sites: Sequence[str], sizes: Mapping[str, float], world_size: i
         >>> assign_sites(["a", "b"], {}, 2)
         {'a': 0, 'b': 1}
     """
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"Expected `world_size` to be a positive integer, but got {world_size!r}.")
+    check_int("world_size", world_size)
     if world_size > len(sites) > 0:
         raise ValueError(
             f"{world_size} processes but only {len(sites)} sites: every process must own a site."

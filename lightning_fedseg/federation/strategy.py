@@ -36,6 +36,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
+from lightning_fedseg._validation import check_int
 from lightning_fedseg.federation.aggregate import (
     IntegerPolicy,
     NonFiniteStateError,
@@ -219,8 +220,7 @@ class FederatedStrategy(DDPStrategy):
             raise ValueError(
                 f"Expected `optimizer_state` to be one of {OptimizerStatePolicy.ALL}, but got {optimizer_state!r}."
             )
-        if isinstance(min_sites, bool) or not isinstance(min_sites, int) or min_sites < 1:
-            raise ValueError(f"Expected `min_sites` to be a positive integer, but got {min_sites!r}.")
+        check_int("min_sites", min_sites)
         if not 0.0 <= fault_probability <= 1.0:
             raise ValueError(f"Expected `fault_probability` to be in [0, 1], but got {fault_probability}.")
         if fault_kind not in ("raise", "nan"):
