@@ -223,3 +223,22 @@ def test_case_reference_uncrop() -> None:
     assert full.shape == (2, 6, 5, 2)
     np.testing.assert_array_equal(full[:, 1:4, 2:4], cropped)
     assert (full[:, 0] == -1).all() and (full[:, :, :2] == -1).all()
+
+
+def test_truncated_gzip_and_label_5_are_reported_with_their_files(tmp_path: Path) -> None:
+    truncated = _make_case(tmp_path, "truncated")
+    path = truncated / "truncated_t1.nii.gz"
+    _write(path, np.random.default_rng(0).normal(size=SHAPE).astype(np.float32))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # an interrupted download
+    label5 = _make_case(tmp_path, "label5")
+    _write(label5 / "label5_seg.nii.gz", _seg(value=5))
+
+    report = check_dataset(tmp_path)
+
+    by_case = {p.case_id: p for p in report.problems}
+    assert sorted(by_case) == ["label5", "truncated"]
+    assert by_case["truncated"].path == path and "cannot be read" in by_case["truncated"].message
+    assert by_case["label5"].path.name == "label5_seg.nii.gz"
+    assert "labels [5] are not valid" in by_case["label5"].message
+    assert "HINT" not in by_case["label5"].message  # 5 is valid under no convention

@@ -291,7 +291,7 @@ def test_non_loopback_address_needs_acknowledgement(monkeypatch, address, allow_
     initialized = []
     monkeypatch.setattr(pl.strategies.DDPStrategy, "setup_distributed", lambda self: initialized.append(True))
     if refused:
-        with pytest.raises(RuntimeError, match="refuses to bind the non-loopback address '10.1.2.3'"):
+        with pytest.raises(RuntimeError, match=r"refuses to bind the non-loopback address '10\.1\.2\.3'"):
             strategy.setup_distributed()
         assert not initialized
     else:
