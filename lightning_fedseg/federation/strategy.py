@@ -48,7 +48,6 @@ from lightning_fedseg.federation.aggregate import (
 from lightning_fedseg.federation.comm import CommStats, SiteComm
 from lightning_fedseg.federation.modes import (
     CDS,
-    POOLED,
     Aggregation,
     CollaborationMode,
     RoundPlan,
@@ -427,8 +426,6 @@ class FederatedStrategy(DDPStrategy):
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         if trainer is None or not trainer.training or isinstance(self.mode, CDS):
             return dataloader
-        if POOLED not in self._loaders:
-            self._loaders[POOLED] = dataloader
         return _RoundIterable(self)
 
     # ------------------------------------------------------------------ rounds
