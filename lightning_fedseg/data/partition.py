@@ -447,6 +447,17 @@ def paper_split_by_site(
     return Partition(sites, heldout, heldout_by_site)
 
 
+def _heldout_leaving_sites(num_heldout: int | float, n: int, num_sites: int) -> int:
+    """The held-out count, refused when it leaves fewer training subjects than sites."""
+    held = resolve_count(num_heldout, n)
+    if n - held < num_sites:
+        raise ValueError(
+            f"Cannot give each of {num_sites} sites a training subject: {n} subjects leave "
+            f"{n - held} after holding out {held}. HINT: lower `num_sites` or `num_heldout`."
+        )
+    return held
+
+
 def simulated_split(
     subjects: Sequence[str],
     num_sites: int,
@@ -478,12 +489,7 @@ def simulated_split(
     subjects = _unique_subjects(subjects)
     check_int("num_sites", num_sites)
     n = len(subjects)
-    held = resolve_count(num_heldout, n)
-    if n - held < num_sites:
-        raise ValueError(
-            f"Cannot give each of {num_sites} sites a training subject: {n} subjects leave "
-            f"{n - held} after holding out {held}. HINT: lower `num_sites` or `num_heldout`."
-        )
+    held = _heldout_leaving_sites(num_heldout, n, num_sites)
     order = _shuffled(subjects, _rng(seed, "simulated"))
     heldout = tuple(sorted(order[:held]))
     sizes = apportion(n - held, [1] * num_sites)
@@ -536,12 +542,7 @@ def dirichlet_split(
     if missing:
         raise ValueError(f"`sizes` has no size for subjects: {', '.join(sorted(missing))}.")
     n = len(subjects)
-    held = resolve_count(num_heldout, n)
-    if n - held < num_sites:
-        raise ValueError(
-            f"Cannot give each of {num_sites} sites a training subject: {n} subjects leave "
-            f"{n - held} after holding out {held}. HINT: lower `num_sites` or `num_heldout`."
-        )
+    held = _heldout_leaving_sites(num_heldout, n, num_sites)
     rng = _rng(seed, "dirichlet")
     order = _shuffled(subjects, rng)
     heldout = tuple(sorted(order[:held]))
