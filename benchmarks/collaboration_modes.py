@@ -1,0 +1,899 @@
+"""Sheller et al. (2018) on the synthetic institutions: CDS, FedAvg, CIIL, IIL and single sites.
+
+Reproduces the study's Tables 2 and 3 (held-out Dice and percent of centralized data sharing)
+on the package's synthetic BraTS-layout institutions, or on a BraTS folder (``--data-root``):
+
+* ``real``: the real-split analogue, the dataset's own 10 institutions in the paper's proportions
+  with held-out subjects taken per institution; modes CDS, FedAvg (1 local epoch per round), CIIL
+  (1 epoch per site per cycle), IIL (patience), and single-institution baselines for the largest
+  and a small institution.
+* ``simulated``: 4, 8, 16 and 32 institutions, subjects split randomly and proportionally after
+  holding out the paper's 32/210 of them; modes FedAvg, CIIL, IIL (and one CDS reference).
+
+How each figure is reported (as the paper did where it says):
+
+* held-out Dice is ``test/dice`` of the module (mean per-volume Dice on the held-out subjects);
+* CDS, FedAvg and single sites: the round with the best validation Dice (what
+  ``ModelCheckpoint(monitor=..., mode="max")`` keeps) is tested. CDS and FedAvg select on
+  ``val/dice`` (all sites' validation volumes); a single institution on its own validation volumes
+  ``val/<site>/dice`` (it has no other). CDS is the best of its seeds, chosen by validation Dice;
+  the others are mean ± std over seeds;
+* CIIL: the held-out Dice after every cycle, mean ± std over cycles and seeds;
+* IIL: its final model (the best weights of the last institution), mean ± std over seeds.
+
+Single institutions train for as many optimizer steps as CDS (epochs scaled by the pooled
+batches over the site's batches, validated as often as CDS): otherwise a 2-subject site would be
+compared after 1/50 of the training. Seeds vary initialization, data order and dropout; the
+partition (the dataset) is fixed.
+
+Outputs: ``<out>/results.json`` (every round of every run), ``<out>/tables.md`` (printed too) and
+PNG plots in ``--plots-dir``. Presets: ``smoke`` (seconds, for tests), ``quick`` (the 10-institution
+table in about 20 minutes on 2 CPU cores), ``paper`` (the paper's settings, for a GPU)::
+
+    .venv/bin/python benchmarks/collaboration_modes.py --preset quick
+    .venv/bin/python benchmarks/collaboration_modes.py --preset quick --splits simulated
+    .venv/bin/python benchmarks/collaboration_modes.py --preset paper --dry-run
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from benchmarks.common import (
+    REPO_ROOT,
+    figure,
+    fmt_mean_std,
+    mean_std,
+    model_kwargs,
+    per_volume_dice,
+    provenance,
+    quiet,
+    save_figure,
+    set_threads,
+    trainer_defaults,
+    write_json,
+)
+from lightning_fedseg import (
+    CDS,
+    CIIL,
+    IIL,
+    BrainTumorSegmentation,
+    FedAvg,
+    FederatedDataModule,
+    FederatedStrategy,
+    SingleSite,
+)
+from lightning_fedseg.federation.aggregate import state_to_cpu
+from lightning_fedseg.federation.modes import CollaborationMode
+
+# The paper's results (Sheller et al. 2018): Dice, std (None: best of several runs), % of CDS.
+PAPER_REAL: dict[str, tuple[float, float | None, float]] = {
+    "cds": (0.862, None, 100.0),
+    "fedavg": (0.852, 0.002, 98.7),
+    "ciil": (0.82, 0.04, 95.0),
+    "iil": (0.803, 0.042, 93.0),
+}
+PAPER_SIMULATED: dict[int, dict[str, tuple[float, float, float]]] = {
+    4: {"fedavg": (0.862, 0.003, 99.9), "ciil": (0.843, 0.011, 97.7), "iil": (0.841, 0.004, 97.4)},
+    8: {"fedavg": (0.865, 0.002, 100.2), "ciil": (0.839, 0.016, 97.3), "iil": (0.823, 0.014, 95.4)},
+    16: {"fedavg": (0.863, 0.002, 99.9), "ciil": (0.82, 0.032, 95.0), "iil": (0.82, 0.018, 95.0)},
+    32: {"fedavg": (0.857, 0.001, 99.3), "ciil": (0.809, 0.023, 93.7), "iil": (0.701, 0.058, 81.2)},
+}
+MODE_LABELS = {
+    "cds": "CDS",
+    "fedavg": "FedAvg",
+    "ciil": "CIIL",
+    "iil": "IIL",
+    "single_large": "single (largest)",
+    "single_small": "single (small)",
+}
+MODE_COLORS = {
+    "cds": "black",
+    "fedavg": "tab:blue",
+    "ciil": "tab:orange",
+    "iil": "tab:green",
+    "single_large": "tab:purple",
+    "single_small": "tab:brown",
+}
+REAL_MODES = ("cds", "fedavg", "ciil", "iil", "single_large", "single_small")
+SIMULATED_MODES = ("fedavg", "ciil", "iil")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Every setting of a benchmark run (the CLI can override most)."""
+
+    name: str
+    model: str  # configs/model/<model>.yaml
+    accelerator: str
+    synthetic_subjects: int | None
+    synthetic_shape: tuple[int, int, int]
+    crop_size: int | None
+    slice_policy: str
+    batch_size: int
+    num_workers: int
+    seeds: tuple[int, ...]
+    rounds: int  # rounds (epochs) of CDS, FedAvg and CIIL on the real split
+    simulated_rounds: int
+    simulated_sites: tuple[int, ...]
+    iil_patience: int
+    iil_max_epochs_per_site: int | None
+    threads: int | None
+    jobs: int
+    splits: str
+    notes: tuple[str, ...] = field(default=())
+
+
+PRESETS: dict[str, Preset] = {
+    "smoke": Preset(
+        name="smoke",
+        model="cpu",
+        accelerator="cpu",
+        synthetic_subjects=30,
+        synthetic_shape=(16, 16, 8),
+        crop_size=None,
+        slice_policy="brain",
+        batch_size=8,
+        num_workers=0,
+        seeds=(0,),
+        rounds=2,
+        simulated_rounds=1,
+        simulated_sites=(4,),
+        iil_patience=1,
+        iil_max_epochs_per_site=1,
+        threads=1,
+        jobs=1,
+        splits="all",
+        notes=("smoke preset: tiny data, 1 seed, 2 rounds; for tests only",),
+    ),
+    "quick": Preset(
+        name="quick",
+        model="cpu",
+        accelerator="cpu",
+        synthetic_subjects=None,  # the package default, 120 subjects
+        synthetic_shape=(48, 48, 32),
+        crop_size=None,
+        slice_policy="brain",
+        batch_size=16,
+        num_workers=0,
+        seeds=(0, 1),
+        rounds=10,
+        simulated_rounds=10,
+        simulated_sites=(4, 8, 16, 32),
+        iil_patience=3,
+        iil_max_epochs_per_site=12,
+        threads=1,
+        jobs=2,
+        splits="real",
+        notes=(
+            "quick preset: IIL patience 3 (paper: 8) and at most 12 epochs per institution",
+            "quick preset: 10 rounds/cycles/epochs (CDS, FedAvg, CIIL), 2 seeds",
+        ),
+    ),
+    "paper": Preset(
+        name="paper",
+        model="paper",
+        accelerator="auto",
+        synthetic_subjects=210,
+        synthetic_shape=(240, 240, 155),
+        crop_size=128,
+        slice_policy="all",
+        batch_size=64,
+        num_workers=4,
+        seeds=(0, 1, 2),
+        rounds=40,
+        simulated_rounds=50,
+        simulated_sites=(4, 8, 16, 32),
+        iil_patience=8,
+        iil_max_epochs_per_site=None,
+        threads=None,
+        jobs=1,
+        splits="all",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One training run: a mode on a split with a seed."""
+
+    split: str  # "real" or "simN"
+    mode: str  # a key of MODE_LABELS
+    seed: int
+    num_sites: int | None = None  # simulated splits
+    site: str | None = None  # single-site runs
+
+    @property
+    def label(self) -> str:
+        site = f" site {self.site}" if self.site else ""
+        return f"{self.split} {self.mode}{site} seed {self.seed}"
+
+
+# ---------------------------------------------------------------------------------- callbacks
+class RoundRecorder(Callback):
+    """Records each round's validation metrics and wall time, and keeps the weights to test:
+    those of the round with the best ``select`` metric, or of every validated round."""
+
+    def __init__(self, select: str | None = None, keep_all: bool = False) -> None:
+        self.select = select
+        self.keep_all = keep_all
+        self.rounds: list[dict[str, Any]] = []
+        self.states: dict[int, dict[str, torch.Tensor]] = {}
+        self.best: tuple[float, int] | None = None
+        self._pending: dict[str, Any] | None = None
+        self._started = 0.0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._started = time.perf_counter()
+        self._pending = None
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        self._pending = {"round": trainer.current_epoch, **metrics}
+        if self.keep_all:
+            self.states[trainer.current_epoch] = state_to_cpu(pl_module.state_dict())
+        if self.select is not None:
+            value = metrics.get(self.select, float("nan"))
+            if not math.isnan(value) and (self.best is None or value > self.best[0]):
+                self.best = (value, trainer.current_epoch)
+                self.states = {trainer.current_epoch: state_to_cpu(pl_module.state_dict())}
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Runs after the strategy closed the round (its hook is first in trainer.callbacks).
+        if self._pending is None:
+            return
+        record = self._pending
+        loss = trainer.callback_metrics.get("train/loss_epoch")
+        record["train_loss"] = float(loss) if loss is not None else None
+        record["seconds"] = time.perf_counter() - self._started
+        history = getattr(trainer.strategy, "history", None)
+        if history:
+            record.update({k: history[-1][k] for k in ("train_seconds", "comm_seconds")})
+        self.rounds.append(record)
+        self._pending = None
+
+
+class FirstSiteProbe(Callback):
+    """The forgetting curve: the first institution's validation Dice after every site step.
+
+    ``on_site_end`` is called by FederatedStrategy right after a site finished its local
+    training, while the module holds that site's weights.
+    """
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+        self.steps: list[dict[str, Any]] = []
+
+    def on_site_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, site: str, round_idx: int) -> None:
+        dice = per_volume_dice(pl_module, self.loader)
+        self.steps.append({"step": len(self.steps) + 1, "round": round_idx, "site": site, "dice": dice})
+
+
+# ---------------------------------------------------------------------------------- one run
+def data_kwargs(preset: Preset, job: Job, data_root: str | None) -> dict[str, Any]:
+    """FederatedDataModule arguments of a job's split."""
+    kwargs: dict[str, Any] = {
+        "data_root": data_root,
+        "batch_size": preset.batch_size,
+        "num_workers": preset.num_workers,
+        "crop_size": preset.crop_size,
+        "slice_policy": preset.slice_policy,
+        "synthetic_subjects": preset.synthetic_subjects,
+        "synthetic_shape": preset.synthetic_shape,
+        "seed": 0,  # the partition is the dataset: fixed across the runs' seeds
+    }
+    if job.split == "real":
+        # The synthetic dataset's own institutions; for a BraTS folder, the paper's split.
+        kwargs["partition"] = "auto" if data_root is None else "paper"
+    else:
+        kwargs.update(partition="simulated", num_sites=job.num_sites)
+    return kwargs
+
+
+def _make_mode(preset: Preset, job: Job) -> CollaborationMode:
+    if job.mode == "cds":
+        return CDS()
+    if job.mode == "fedavg":
+        return FedAvg(local_epochs=1)
+    if job.mode == "ciil":
+        return CIIL(epochs_per_site=1)
+    if job.mode == "iil":
+        return IIL(
+            patience=preset.iil_patience,
+            monitor="val/{site}/dice",
+            max_epochs_per_site=preset.iil_max_epochs_per_site,
+        )
+    assert job.site is not None
+    return SingleSite(job.site)
+
+
+def _batches(samples: int, batch_size: int) -> int:
+    return max(1, math.ceil(samples / batch_size))
+
+
+def run_job(preset: Preset, job: Job, data_root: str | None, dry_run: bool = False) -> dict[str, Any]:
+    """Train one mode on one split with one seed and test the weights the protocol selects."""
+    quiet()
+    set_threads(preset.threads)
+    started = time.perf_counter()
+    pl.seed_everything(job.seed, workers=True, verbose=False)
+    dm = FederatedDataModule(**data_kwargs(preset, job, data_root))
+    dm.prepare_data()
+    dm.setup("fit")
+    sites = list(dm.site_names)
+    model = BrainTumorSegmentation(
+        **model_kwargs(preset.model, in_channels=dm.in_channels, compute_hd95=False, log_images=0)
+    )
+    mode = _make_mode(preset, job)
+    rounds = preset.rounds if job.split == "real" else preset.simulated_rounds
+    max_epochs, val_every = rounds, 1
+    select: str | None = "val/dice"
+    callbacks: list[Callback] = []
+    probe: FirstSiteProbe | None = None
+    if job.mode.startswith("single"):
+        assert job.site is not None
+        pooled = _batches(sum(dm.site_num_samples(s) for s in sites), preset.batch_size)
+        val_every = max(1, round(pooled / _batches(dm.site_num_samples(job.site), preset.batch_size)))
+        max_epochs = rounds * val_every
+        select = f"val/{job.site}/dice"
+    elif job.mode == "ciil":
+        select = None
+        probe = FirstSiteProbe(dm.site_val_dataloader(sites[0]))
+        callbacks.append(probe)
+    elif job.mode == "iil":
+        select = None
+        cap = preset.iil_max_epochs_per_site
+        max_epochs = len(sites) * (cap if cap is not None else 200)
+    recorder = RoundRecorder(select=select, keep_all=job.mode == "ciil")
+    callbacks.insert(0, recorder)
+    limits: dict[str, Any] = {}
+    if dry_run:
+        max_epochs, val_every = 1, 1
+        limits = {"limit_train_batches": 1, "limit_val_batches": 0}
+    trainer = pl.Trainer(
+        **trainer_defaults(preset.accelerator),
+        strategy=FederatedStrategy(mode, optimizer_state="reset", seed=job.seed),
+        max_epochs=max_epochs,
+        check_val_every_n_epoch=val_every,
+        callbacks=callbacks,
+        **limits,
+    )
+    fit_started = time.perf_counter()
+    if dry_run and job.mode == "iil":
+        pass  # IIL needs its sites' validation Dice after every epoch: built, not trained
+    else:
+        trainer.fit(model, datamodule=dm)
+    fit_seconds = time.perf_counter() - fit_started
+    tester = pl.Trainer(**trainer_defaults(preset.accelerator), **({"limit_test_batches": 1} if dry_run else {}))
+
+    def heldout(state: dict[str, torch.Tensor] | None = None) -> float:
+        if state is not None:
+            model.load_state_dict(state)
+        results = tester.test(model, datamodule=dm, verbose=False)
+        return float(results[0].get("test/dice", float("nan")))
+
+    result: dict[str, Any] = {
+        **asdict(job),
+        "sites": sites,
+        "site_samples": {s: dm.site_num_samples(s) for s in sites},
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "max_epochs": max_epochs,
+        "val_every_n_epochs": val_every,
+        "select": select,
+        "rounds": recorder.rounds,
+        "history": trainer.strategy.history if isinstance(trainer.strategy, FederatedStrategy) else [],
+        "fit_seconds": fit_seconds,
+        "global_step": trainer.global_step,
+        "device": str(trainer.strategy.root_device),
+    }
+    if dry_run:
+        result["heldout"] = float("nan") if job.mode == "iil" else heldout()
+    elif job.mode == "ciil":
+        result["heldout_per_cycle"] = {r: heldout(s) for r, s in sorted(recorder.states.items())}
+        result["probe"] = probe.steps if probe is not None else []
+    elif job.mode == "iil":
+        result["iil_history"] = getattr(mode, "history", [])
+        result["iil_completed"] = getattr(mode, "position", 0) >= len(sites)
+        result["heldout"] = heldout()  # the final model
+    else:
+        assert recorder.best is not None, f"{job.label}: no validation round logged {select!r}"
+        value, best_round = recorder.best
+        result.update(selected_round=best_round, selected_val=value, heldout=heldout(recorder.states[best_round]))
+    result["wall_seconds"] = time.perf_counter() - started
+    return result
+
+
+def _init_worker(threads: int | None) -> None:
+    quiet()
+    set_threads(threads)
+
+
+# ---------------------------------------------------------------------------------- plan and run
+def plan_jobs(preset: Preset, splits: str, modes: Sequence[str], data_root: str | None) -> list[Job]:
+    """The runs of a benchmark, longest expected first (for packing on several workers)."""
+    jobs: list[Job] = []
+    if splits in ("real", "all"):
+        dm = FederatedDataModule(**data_kwargs(preset, Job("real", "cds", 0), data_root))
+        dm.setup("fit")
+        sizes = {s: dm.site_num_subjects(s) for s in dm.site_names}
+        largest = max(sizes, key=lambda s: sizes[s])
+        small = min(reversed(list(sizes)), key=lambda s: sizes[s])
+        for seed in preset.seeds:
+            for mode in modes:
+                site = largest if mode == "single_large" else small if mode == "single_small" else None
+                jobs.append(Job("real", mode, seed, site=site))
+    if splits in ("simulated", "all"):
+        for seed in preset.seeds:
+            jobs.append(Job(f"sim{min(preset.simulated_sites)}", "cds", seed, num_sites=min(preset.simulated_sites)))
+            for n in preset.simulated_sites:
+                for mode in SIMULATED_MODES:
+                    if mode in modes:
+                        jobs.append(Job(f"sim{n}", mode, seed, num_sites=n))
+    cost = {"iil": 0, "ciil": 1, "fedavg": 2, "cds": 3, "single_large": 4, "single_small": 5}
+    return sorted(jobs, key=lambda j: (cost[j.mode], -(j.num_sites or 10), j.seed))
+
+
+def warm_cache(preset: Preset, jobs: Sequence[Job], data_root: str | None) -> float:
+    """Write the synthetic data and preprocess every case once, before workers share the cache."""
+    started = time.perf_counter()
+    seen: set[str] = set()
+    for job in jobs:
+        if job.split in seen:
+            continue
+        seen.add(job.split)
+        dm = FederatedDataModule(**data_kwargs(preset, job, data_root))
+        dm.prepare_data()
+        dm.setup("fit")
+        for site in dm.site_names:
+            dm.site_num_samples(site)
+            dm.site_val_dataset(site)
+        dm.test_dataloader()
+    return time.perf_counter() - started
+
+
+def run_all(preset: Preset, jobs: Sequence[Job], data_root: str | None, dry_run: bool) -> list[dict[str, Any]]:
+    """Run the jobs, on ``preset.jobs`` worker processes when more than one."""
+    results: list[dict[str, Any]] = []
+
+    def report(result: dict[str, Any]) -> None:
+        job = Job(result["split"], result["mode"], result["seed"], result["num_sites"], result["site"])
+        if dry_run:
+            trained = "built only" if job.mode == "iil" else f"{result['global_step']} optimizer step(s), tested"
+            shown = f"{trained}; {result['parameters'] / 1e6:.2f}M parameters, {len(result['sites'])} sites"
+        elif "heldout_per_cycle" in result:
+            values = list(result["heldout_per_cycle"].values())
+            shown = f"held-out per cycle {', '.join(f'{v:.3f}' for v in values)}"
+        else:
+            shown = f"held-out {result['heldout']:.3f}"
+        print(f"  {job.label}: {shown} ({result['wall_seconds']:.0f} s)", flush=True)
+        results.append(result)
+
+    if preset.jobs <= 1 or dry_run:
+        for job in jobs:
+            report(run_job(preset, job, data_root, dry_run))
+        return results
+    context = get_context("spawn")
+    with ProcessPoolExecutor(
+        preset.jobs, mp_context=context, initializer=_init_worker, initargs=(preset.threads,)
+    ) as pool:
+        futures: list[Future[dict[str, Any]]] = [pool.submit(run_job, preset, job, data_root) for job in jobs]
+        for future in futures:
+            report(future.result())
+    return results
+
+
+# ---------------------------------------------------------------------------------- summaries
+def _runs(results: Sequence[dict[str, Any]], split: str, mode: str) -> list[dict[str, Any]]:
+    return sorted((r for r in results if r["split"] == split and r["mode"] == mode), key=lambda r: r["seed"])
+
+
+def summarize_mode(results: Sequence[dict[str, Any]], split: str, mode: str) -> dict[str, Any] | None:
+    """Held-out Dice of a mode on a split, reported as the protocol says."""
+    runs = _runs(results, split, mode)
+    if not runs:
+        return None
+    if mode == "ciil":
+        per_seed = [list(r["heldout_per_cycle"].values()) for r in runs]
+        every = [v for values in per_seed for v in values]
+        mean, std, n = mean_std(every)
+        last = mean_std([values[-1] for values in per_seed])
+        return {
+            "mean": mean,
+            "std": std,
+            "n": n,
+            "how": f"every cycle, {len(runs)} seed(s) x {len(per_seed[0])} cycles",
+            "last_cycle_mean": last[0],
+            "last_cycle_std": last[1],
+            "per_seed": per_seed,
+        }
+    values = [r["heldout"] for r in runs]
+    if mode == "cds":
+        best = max(runs, key=lambda r: r.get("selected_val", float("-inf")))
+        return {
+            "mean": best["heldout"],
+            "std": None,
+            "n": len(runs),
+            "how": f"best of {len(runs)} seed(s) by validation Dice (seed {best['seed']})",
+            "seed_mean": mean_std(values)[0],
+            "seed_std": mean_std(values)[1],
+            "per_seed": values,
+        }
+    mean, std, n = mean_std(values)
+    how = {
+        "fedavg": "best-validation round",
+        "iil": "final model",
+        "single_large": "best own-validation round",
+        "single_small": "best own-validation round",
+    }[mode]
+    summary = {"mean": mean, "std": std, "n": n, "how": f"{how}, mean ± std over {n} seed(s)", "per_seed": values}
+    if mode.startswith("single"):
+        summary["site"] = runs[0]["site"]
+        summary["training_subjects_share"] = runs[0]["site_samples"][runs[0]["site"]] / sum(
+            runs[0]["site_samples"].values()
+        )
+    if mode == "iil" and not all(r.get("iil_completed", True) for r in runs):
+        summary["how"] += " (did not reach the last institution)"
+    return summary
+
+
+def real_table(results: Sequence[dict[str, Any]], preset: Preset) -> tuple[str, dict[str, Any]]:
+    """The paper's Table 2 beside ours (markdown) and its numbers."""
+    summaries = {m: summarize_mode(results, "real", m) for m in REAL_MODES}
+    cds = summaries.get("cds")
+    reference = cds["mean"] if cds else float("nan")
+    lines = [
+        "| mode | held-out Dice (ours) | % of CDS (ours) | Dice (paper) | % of CDS (paper) | how ours is reported |",
+        "|---|---|---:|---|---:|---|",
+    ]
+    for mode, summary in summaries.items():
+        if summary is None:
+            continue
+        label = MODE_LABELS[mode]
+        if mode == "iil":
+            label += f" (patience {preset.iil_patience}" + (
+                f", ≤{preset.iil_max_epochs_per_site} epochs/site)" if preset.iil_max_epochs_per_site else ")"
+            )
+        if mode.startswith("single"):
+            label += f": site {summary['site']}, {100 * summary['training_subjects_share']:.0f}% of slices"
+        percent = 100 * summary["mean"] / reference if reference == reference else float("nan")
+        summary["percent_of_cds"] = percent
+        paper = PAPER_REAL.get(mode)
+        paper_dice = fmt_mean_std(paper[0], paper[1]) if paper else "-"
+        paper_pct = f"{paper[2]:g}" if paper else "-"
+        lines.append(
+            f"| {label} | {fmt_mean_std(summary['mean'], summary['std'])} | {percent:.1f} "
+            f"| {paper_dice} | {paper_pct} | {summary['how']} |"
+        )
+    return "\n".join(lines), summaries
+
+
+def simulated_table(results: Sequence[dict[str, Any]], preset: Preset) -> tuple[str, dict[str, Any]]:
+    """The paper's Table 3 beside ours (markdown) and its numbers."""
+    sizes = sorted({r["num_sites"] for r in results if r["split"].startswith("sim") and r["mode"] != "cds"})
+    cds_split = f"sim{min(preset.simulated_sites)}"
+    cds = summarize_mode(results, cds_split, "cds")
+    reference = cds["mean"] if cds else float("nan")
+    numbers: dict[str, Any] = {"cds": cds}
+    header = "| institutions | " + " | ".join(
+        f"{MODE_LABELS[m]} (ours) | {MODE_LABELS[m]} (paper)" for m in SIMULATED_MODES
+    )
+    lines = [header + " |", "|---|" + "---|---|" * len(SIMULATED_MODES)]
+    for n in sizes:
+        cells = []
+        numbers[str(n)] = {}
+        for mode in SIMULATED_MODES:
+            summary = summarize_mode(results, f"sim{n}", mode)
+            paper = PAPER_SIMULATED.get(n, {}).get(mode)
+            paper_cell = f"{fmt_mean_std(paper[0], paper[1])} ({paper[2]:g}%)" if paper else "-"
+            if summary is None:
+                cells += ["-", paper_cell]
+                continue
+            summary["percent_of_cds"] = 100 * summary["mean"] / reference
+            numbers[str(n)][mode] = summary
+            cells += [f"{fmt_mean_std(summary['mean'], summary['std'])} ({summary['percent_of_cds']:.1f}%)", paper_cell]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    if cds:
+        lines.append("")
+        lines.append(
+            f"CDS reference (pooled {min(preset.simulated_sites)}-site split, {cds['how']}): "
+            f"{fmt_mean_std(cds['mean'], None)} (paper: 0.862). FedAvg, IIL: {SIMULATED_HOW}."
+        )
+    return "\n".join(lines), numbers
+
+
+SIMULATED_HOW = "mean ± std over seeds (FedAvg at its best-validation round, IIL final); CIIL over every cycle"
+
+
+# ---------------------------------------------------------------------------------- plots
+def _band(ax: Any, xs: Sequence[float], series: Sequence[Sequence[float]], color: str, label: str, **kw: Any) -> None:
+    length = min(len(s) for s in series)
+    arr = np.asarray([s[:length] for s in series], dtype=float)
+    mean = np.nanmean(arr, axis=0)
+    ax.plot(xs[:length], mean, color=color, label=label, **kw)
+    if len(series) > 1:
+        std = np.nanstd(arr, axis=0)
+        ax.fill_between(xs[:length], mean - std, mean + std, color=color, alpha=0.15, linewidth=0)
+
+
+def plot_real(results: Sequence[dict[str, Any]], preset: Preset, out: Path) -> list[Path]:
+    """Validation Dice per round of every mode, CIIL's held-out per cycle, IIL per epoch."""
+    fig, axes = figure(ncols=2, size=(6.4, 4.2))
+    ax, ax_iil = axes[0]
+    for mode in ("cds", "fedavg", "ciil", "single_large", "single_small"):
+        runs = _runs(results, "real", mode)
+        if not runs:
+            continue
+        scale = runs[0]["val_every_n_epochs"]
+        series = [[r.get("val/dice", float("nan")) for r in run["rounds"]] for run in runs]
+        xs = [(rec["round"] + 1) / scale for rec in runs[0]["rounds"]]
+        _band(ax, xs, series, MODE_COLORS[mode], f"{MODE_LABELS[mode]}: val/dice")
+        if mode == "ciil":
+            held = [list(run["heldout_per_cycle"].values()) for run in runs]
+            _band(ax, list(range(1, len(held[0]) + 1)), held, MODE_COLORS[mode], "CIIL: held-out", linestyle="--")
+        elif "selected_round" in runs[0]:
+            for run in runs:
+                ax.plot((run["selected_round"] + 1) / scale, run["heldout"], marker="*", color=MODE_COLORS[mode], ms=9)
+    ax.set_xlabel("round / cycle / epoch over the pooled data (single sites: equal optimizer steps)")
+    ax.set_ylabel("Dice")
+    ax.set_title("Real-split analogue, 10 institutions (★ held-out Dice of the selected round)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    for run in _runs(results, "real", "iil"):
+        rounds = run["rounds"]
+        ax_iil.plot(
+            [r["round"] + 1 for r in rounds],
+            [r.get("val/dice", float("nan")) for r in rounds],
+            color=MODE_COLORS["iil"],
+            alpha=0.8,
+            label=f"seed {run['seed']}: val/dice",
+        )
+        ax_iil.axhline(run["heldout"], color=MODE_COLORS["iil"], linestyle=":", alpha=0.8)
+        if run is _runs(results, "real", "iil")[0]:
+            previous = None
+            for entry in run["iil_history"]:
+                if entry["site"] != previous and previous is not None:
+                    ax_iil.axvline(entry["round"] + 0.5, color="grey", alpha=0.3, linewidth=0.8)
+                previous = entry["site"]
+    ax_iil.set_xlabel("IIL epoch (grey: next institution)")
+    ax_iil.set_title(f"IIL, patience {preset.iil_patience} (dotted: final model's held-out Dice)")
+    ax_iil.grid(alpha=0.3)
+    ax_iil.legend(fontsize=8, loc="lower right")
+    return [save_figure(fig, out / f"{preset.name}-real-dice-per-round.png")]
+
+
+def plot_forgetting(results: Sequence[dict[str, Any]], preset: Preset, out: Path) -> list[Path]:
+    """CIIL: the first institution's validation Dice after every site step; FedAvg and IIL beside."""
+    ciil = _runs(results, "real", "ciil")
+    if not ciil or not ciil[0].get("probe"):
+        return []
+    fig, axes = figure(ncols=2, size=(6.4, 4.0))
+    ax, ax_iil = axes[0]
+    sites = ciil[0]["sites"]
+    first = sites[0]
+    for run in ciil:
+        steps = run["probe"]
+        ax.plot(
+            [s["step"] for s in steps],
+            [s["dice"] for s in steps],
+            color=MODE_COLORS["ciil"],
+            alpha=0.8,
+            marker=".",
+            ms=3,
+            label=f"CIIL seed {run['seed']}, after each site",
+        )
+        for s in steps:
+            if s["site"] == first:
+                ax.plot(s["step"], s["dice"], marker="o", color="red", ms=4)
+    for run in _runs(results, "real", "fedavg"):
+        xs = [(r["round"] + 1) * len(sites) for r in run["rounds"]]
+        ax.plot(
+            xs,
+            [r.get(f"val/{first}/dice", float("nan")) for r in run["rounds"]],
+            color=MODE_COLORS["fedavg"],
+            marker="s",
+            ms=3,
+            label=f"FedAvg seed {run['seed']}, global model per round",
+        )
+    for cycle in range(1, preset.rounds):
+        ax.axvline(cycle * len(sites) + 0.5, color="grey", alpha=0.25, linewidth=0.8)
+    ax.set_xlabel(f"site step ({len(sites)} per cycle/round; red: right after institution {first} trained)")
+    ax.set_ylabel(f"Dice on institution {first}'s validation volumes")
+    ax.set_title(f"Forgetting: institution {first} (the largest) under CIIL")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    for run in _runs(results, "real", "iil"):
+        rounds = run["rounds"]
+        ax_iil.plot(
+            [r["round"] + 1 for r in rounds],
+            [r.get(f"val/{first}/dice", float("nan")) for r in rounds],
+            color=MODE_COLORS["iil"],
+            label=f"IIL seed {run['seed']}",
+        )
+    ax_iil.set_xlabel("IIL epoch")
+    ax_iil.set_title(f"IIL: institution {first}'s validation Dice")
+    ax_iil.grid(alpha=0.3)
+    ax_iil.legend(fontsize=8, loc="lower right")
+    return [save_figure(fig, out / f"{preset.name}-ciil-forgetting.png")]
+
+
+def plot_simulated(results: Sequence[dict[str, Any]], preset: Preset, out: Path) -> list[Path]:
+    """FedAvg convergence (validation Dice per round) for 4 to 32 institutions, CIIL held-out per cycle."""
+    sizes = sorted({r["num_sites"] for r in results if r["split"].startswith("sim") and r["mode"] == "fedavg"})
+    if not sizes:
+        return []
+    import matplotlib as mpl
+
+    colors = mpl.colormaps["viridis"]
+    fig, axes = figure(ncols=2, size=(6.0, 4.0))
+    ax, ax_ciil = axes[0]
+    for i, n in enumerate(sizes):
+        color = colors(i / max(len(sizes) - 1, 1))
+        runs = _runs(results, f"sim{n}", "fedavg")
+        series = [[r.get("val/dice", float("nan")) for r in run["rounds"]] for run in runs]
+        _band(ax, [r["round"] + 1 for r in runs[0]["rounds"]], series, color, f"FedAvg, {n} institutions")
+        ciil = _runs(results, f"sim{n}", "ciil")
+        if ciil:
+            held = [list(run["heldout_per_cycle"].values()) for run in ciil]
+            _band(ax_ciil, list(range(1, len(held[0]) + 1)), held, color, f"CIIL, {n} institutions")
+    cds = _runs(results, f"sim{min(preset.simulated_sites)}", "cds")
+    if cds:
+        series = [[r.get("val/dice", float("nan")) for r in run["rounds"]] for run in cds]
+        _band(ax, [r["round"] + 1 for r in cds[0]["rounds"]], series, "black", "CDS", linestyle="--")
+    real = _runs(results, "real", "fedavg")
+    if real:
+        series = [[r.get("val/dice", float("nan")) for r in run["rounds"]] for run in real]
+        _band(
+            ax, [r["round"] + 1 for r in real[0]["rounds"]], series, "tab:red", "FedAvg, real split (10)", linestyle=":"
+        )
+    ax.set_xlabel("round")
+    ax.set_ylabel("validation Dice (val/dice)")
+    ax.set_title("FedAvg convergence, simulated splits")
+    ax_ciil.set_xlabel("cycle")
+    ax_ciil.set_ylabel("held-out Dice")
+    ax_ciil.set_title("CIIL, held-out Dice after every cycle")
+    for a in (ax, ax_ciil):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8, loc="lower right")
+    return [save_figure(fig, out / f"{preset.name}-simulated-convergence.png")]
+
+
+# ---------------------------------------------------------------------------------- main
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    parser.add_argument("--name", default=None, help="names the outputs (plots, default --out); default: the preset")
+    parser.add_argument(
+        "--splits",
+        choices=("real", "simulated", "all"),
+        default=None,
+        help="which tables to run (default: the preset's; quick: real)",
+    )
+    parser.add_argument("--modes", nargs="+", choices=REAL_MODES, default=None, help="a subset of the modes")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--rounds", type=int, default=None, help="rounds of CDS, FedAvg and CIIL on the real split")
+    parser.add_argument("--simulated-rounds", type=int, default=None)
+    parser.add_argument("--sites", type=int, nargs="+", default=None, help="simulated federation sizes")
+    parser.add_argument("--iil-patience", type=int, default=None)
+    parser.add_argument("--iil-max-epochs-per-site", type=int, default=None, help="0: no cap")
+    parser.add_argument("--jobs", type=int, default=None, help="runs in parallel (worker processes)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per run")
+    parser.add_argument("--accelerator", default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--num-workers", type=int, default=None)
+    parser.add_argument("--synthetic-subjects", type=int, default=None)
+    parser.add_argument("--data-root", default=None, help="a BraTS-layout folder instead of the synthetic data")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default: benchmarks/results/collaboration_modes-<preset>"
+    )
+    parser.add_argument("--plots-dir", type=Path, default=REPO_ROOT / "benchmarks" / "plots")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build every run, train 1 batch of each (no validation), test 1 batch; write nothing",
+    )
+    return parser.parse_args(argv)
+
+
+def resolve_preset(args: argparse.Namespace) -> Preset:
+    preset = PRESETS[args.preset]
+    overrides: dict[str, Any] = {}
+    for name in (
+        "rounds",
+        "simulated_rounds",
+        "iil_patience",
+        "jobs",
+        "threads",
+        "accelerator",
+        "batch_size",
+        "num_workers",
+        "synthetic_subjects",
+    ):
+        value = getattr(args, name)
+        if value is not None:
+            overrides[name] = value
+    if args.seeds is not None:
+        overrides["seeds"] = tuple(args.seeds)
+    if args.sites is not None:
+        overrides["simulated_sites"] = tuple(args.sites)
+    if args.iil_max_epochs_per_site is not None:
+        overrides["iil_max_epochs_per_site"] = args.iil_max_epochs_per_site or None
+    if args.splits is not None:
+        overrides["splits"] = args.splits
+    if args.dry_run:
+        overrides["seeds"] = tuple(overrides.get("seeds", preset.seeds))[:1]
+    if args.name is not None:
+        overrides["name"] = args.name
+    return replace(preset, **overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    quiet()
+    preset = resolve_preset(args)
+    set_threads(preset.threads)
+    modes = tuple(args.modes) if args.modes else REAL_MODES
+    meta = provenance(None if argv is None else [sys.argv[0], *argv])
+    jobs = plan_jobs(preset, preset.splits, modes, args.data_root)
+    print(f"{len(jobs)} runs, preset {preset.name}, {preset.jobs} worker(s) x {preset.threads or 'default'} thread(s)")
+    started = time.perf_counter()
+    warm = warm_cache(preset, jobs, args.data_root)
+    results = run_all(preset, jobs, args.data_root, args.dry_run)
+    total = time.perf_counter() - started
+    if args.dry_run:
+        print(f"dry run: built and trained 1 batch of {len(results)} runs in {total:.0f} s")
+        return {"results": results}
+    out = args.out or REPO_ROOT / "benchmarks" / "results" / f"collaboration_modes-{preset.name}"
+    tables: dict[str, Any] = {}
+    markdown: list[str] = []
+    if any(r["split"] == "real" for r in results):
+        text, numbers = real_table(results, preset)
+        tables["real"] = numbers
+        markdown += ["### Real-split analogue: 10 institutions (paper Table 2)", "", text, ""]
+    if any(r["split"].startswith("sim") for r in results):
+        text, numbers = simulated_table(results, preset)
+        tables["simulated"] = numbers
+        markdown += ["### Simulated splits (paper Table 3): held-out Dice (% of CDS)", "", text, ""]
+    plots = []
+    plots += plot_real(results, preset, args.plots_dir) if "real" in tables else []
+    plots += plot_forgetting(results, preset, args.plots_dir) if "real" in tables else []
+    plots += plot_simulated(results, preset, args.plots_dir)
+    markdown += [
+        f"Notes: {'; '.join(preset.notes)}." if preset.notes else "",
+        f"Wall time {total / 60:.1f} min (cache warm-up {warm:.0f} s); {meta['command']}",
+    ]
+    text = "\n".join(markdown)
+    print("\n" + text)
+    meta.update(
+        wall_seconds=total,
+        warm_seconds=warm,
+        preset_base=args.preset,
+        preset=asdict(preset),
+        plots=[str(p) for p in plots],
+    )
+    document = {"meta": meta, "tables": tables, "runs": results}
+    write_json(out / "results.json", document)
+    (out / "tables.md").write_text(text + "\n")
+    print(f"\nwrote {out / 'results.json'}, {out / 'tables.md'} and {len(plots)} plot(s) in {args.plots_dir}")
+    return document
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Smoke test of the benchmark scripts: their smallest preset on tiny synthetic data.
+
+Each script runs as a user runs it (a subprocess from the repository root), with the synthetic
+data and the volume cache in a temporary folder; the tests check that the JSON, markdown and PNG
+outputs exist and hold sane values. The two scripts run side by side (one thread each), about
+30 seconds on 2 idle cores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+SCRIPTS = ("collaboration_modes", "overhead")
+
+
+def _start(script: str, tmp_path: Path) -> subprocess.Popen[str]:
+    env = {
+        **os.environ,
+        "LIGHTNING_FEDSEG_DATA": str(tmp_path / script / "data"),
+        "LIGHTNING_FEDSEG_CACHE": str(tmp_path / script / "cache"),
+        "PYTHONWARNINGS": "ignore",
+    }
+    command = [
+        sys.executable,
+        f"benchmarks/{script}.py",
+        "--preset",
+        "smoke",
+        "--out",
+        str(tmp_path / script / "out"),
+        "--plots-dir",
+        str(tmp_path / script / "plots"),
+    ]
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, str, Path]]:
+    """Both scripts' smoke presets, run side by side (each uses one thread)."""
+    tmp_path = tmp_path_factory.mktemp("benchmarks")
+    running = {script: _start(script, tmp_path) for script in SCRIPTS}
+    done = {}
+    for script, process in running.items():
+        try:
+            output, _ = process.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output, _ = process.communicate()
+        done[script] = (process.returncode, output, tmp_path / script)
+    return done
+
+
+def _outputs(smoke: dict[str, tuple[int, str, Path]], script: str) -> tuple[dict, str, Path]:
+    returncode, output, folder = smoke[script]
+    assert returncode == 0, output[-5000:]
+    result = json.loads((folder / "out" / "results.json").read_text())
+    return result, (folder / "out" / "tables.md").read_text(), folder / "plots"
+
+
+def _check_pngs(plots: Path, names: list[str]) -> None:
+    for name in names:
+        path = plots / name
+        assert path.is_file(), f"missing plot {name}; have {sorted(p.name for p in plots.glob('*'))}"
+        data = path.read_bytes()
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000, name
+
+
+def _dice(value: float) -> bool:
+    return value is not None and 0.0 <= value <= 1.0
+
+
+@pytest.mark.slow
+def test_collaboration_modes_smoke(smoke: dict[str, tuple[int, str, Path]]) -> None:
+    result, markdown, plots = _outputs(smoke, "collaboration_modes")
+    real = result["tables"]["real"]
+    assert set(real) == {"cds", "fedavg", "ciil", "iil", "single_large", "single_small"}
+    for mode, summary in real.items():
+        assert _dice(summary["mean"]), (mode, summary)
+        assert math.isfinite(summary["percent_of_cds"]) and summary["percent_of_cds"] > 0, (mode, summary)
+    assert real["cds"]["percent_of_cds"] == pytest.approx(100.0)
+    assert real["single_large"]["site"] != real["single_small"]["site"]
+    simulated = result["tables"]["simulated"]
+    assert _dice(simulated["cds"]["mean"])
+    assert set(simulated["4"]) == {"fedavg", "ciil", "iil"}
+
+    runs = {(r["split"], r["mode"]): r for r in result["runs"]}
+    assert len(result["runs"]) == 10  # 6 real-split runs, CDS + 3 modes on the 4-site split
+    for run in result["runs"]:
+        assert run["rounds"], run["mode"]
+        assert all(_dice(r["val/dice"]) for r in run["rounds"])
+    fedavg = runs[("real", "fedavg")]
+    assert [r["round"] for r in fedavg["rounds"]] == [0, 1]
+    assert len(fedavg["history"]) == 2 and len(fedavg["history"][0]["succeeded"]) == 10
+    ciil = runs[("real", "ciil")]
+    assert len(ciil["heldout_per_cycle"]) == 2
+    assert len(ciil["probe"]) == 2 * 10 and all(_dice(s["dice"]) for s in ciil["probe"])
+    assert [s["site"] for s in ciil["probe"][:10]] == ciil["sites"]
+    single = runs[("real", "single_small")]
+    assert single["val_every_n_epochs"] >= 1 and single["max_epochs"] == 2 * single["val_every_n_epochs"]
+
+    assert "| CDS |" in markdown and "0.862" in markdown and "| 4 |" in markdown
+    assert result["meta"]["commit"] and result["meta"]["machine"]["cpu_cores"]
+    _check_pngs(
+        plots, ["smoke-real-dice-per-round.png", "smoke-ciil-forgetting.png", "smoke-simulated-convergence.png"]
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_overhead_smoke(smoke: dict[str, tuple[int, str, Path]]) -> None:
+    result, markdown, plots = _outputs(smoke, "overhead")
+    strategy = result["strategy"]
+    assert strategy["sites"] == 10
+    assert 0.2 < strategy["ratio_per_epoch"]["median"] < 5.0
+    assert strategy["steps_per_epoch"]["fedavg"] >= strategy["steps_per_epoch"]["plain"]
+
+    configs = result["aggregation"]["configs"]
+    mean = [c for c in configs if c["method"] == "WeightedMean"]
+    keep = [c for c in configs if c["method"] == "keep every state"]
+    assert [c["sites"] for c in mean] == [2, 4]
+    # The accumulator holds one float64 sum whatever the number of sites; keeping states grows.
+    assert mean[0]["held_mib"] == pytest.approx(mean[1]["held_mib"])
+    assert mean[0]["held_mib"] == pytest.approx(2 * mean[0]["state_mib"], rel=0.01)
+    assert keep[1]["held_mib"] == pytest.approx(2 * keep[0]["held_mib"])
+    assert all(c["seconds"] > 0 and c["peak_mib"] >= 0 for c in configs)
+
+    (loader,) = result["loader"]
+    assert loader["loader_cached"] > 0 and loader["model_cpu"] > 0
+
+    one, two = result["processes"]
+    assert (one["processes"], two["processes"]) == (1, 2)
+    assert one["ranks"][0]["bytes_sent"] == 0  # simulated: nothing crosses a process boundary
+    assert len(two["ranks"]) == 2 and all(r["bytes_sent"] > 0 and r["comm_seconds"] > 0 for r in two["ranks"])
+    assert sorted(s for r in two["ranks"] for s in r["sites"]) == sorted(one["ranks"][0]["sites"])
+    assert all(p["round_seconds"]["median"] > 0 for p in (one, two))
+
+    assert "FedAvg round vs plain Lightning" in markdown and "WeightedMean" in markdown
+    _check_pngs(plots, ["smoke-overhead-aggregation.png"])
