@@ -246,7 +246,11 @@ class RoundRecorder(Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        metrics = {
+            k: float(v)
+            for k, v in trainer.callback_metrics.items()
+            if k.startswith("val/") and k.endswith(("/dice", "/loss", "/slice_dice"))
+        }
         self._pending = {"round": trainer.current_epoch, **metrics}
         if self.keep_all:
             self.states[trainer.current_epoch] = state_to_cpu(pl_module.state_dict())
@@ -399,7 +403,7 @@ def run_job(preset: Preset, job: Job, data_root: str | None, dry_run: bool = Fal
         "val_every_n_epochs": val_every,
         "select": select,
         "rounds": recorder.rounds,
-        "history": trainer.strategy.history if isinstance(trainer.strategy, FederatedStrategy) else [],
+        "history": [_compact(h) for h in getattr(trainer.strategy, "history", [])],
         "fit_seconds": fit_seconds,
         "global_step": trainer.global_step,
         "device": str(trainer.strategy.root_device),
@@ -419,6 +423,14 @@ def run_job(preset: Preset, job: Job, data_root: str | None, dry_run: bool = Fal
         result.update(selected_round=best_round, selected_val=value, heldout=heldout(recorder.states[best_round]))
     result["wall_seconds"] = time.perf_counter() - started
     return result
+
+
+def _compact(record: dict[str, Any]) -> dict[str, Any]:
+    """A strategy history record with site counts instead of site lists."""
+    out = {k: v for k, v in record.items() if k not in ("sites", "succeeded", "failed")}
+    out.update(sites=len(record.get("sites", ())), succeeded=len(record.get("succeeded", ())))
+    out["failed"] = record.get("failed", {})
+    return out
 
 
 def _init_worker(threads: int | None) -> None:
@@ -742,8 +754,9 @@ def plot_simulated(results: Sequence[dict[str, Any]], preset: Preset, out: Path)
     import matplotlib as mpl
 
     colors = mpl.colormaps["viridis"]
-    fig, axes = figure(ncols=2, size=(6.0, 4.0))
-    ax, ax_ciil = axes[0]
+    with_ciil = any(r["split"].startswith("sim") and r["mode"] == "ciil" for r in results)
+    fig, axes = figure(ncols=2 if with_ciil else 1, size=(6.0, 4.0))
+    ax, ax_ciil = axes[0][0], axes[0][-1]
     for i, n in enumerate(sizes):
         color = colors(i / max(len(sizes) - 1, 1))
         runs = _runs(results, f"sim{n}", "fedavg")
@@ -766,10 +779,13 @@ def plot_simulated(results: Sequence[dict[str, Any]], preset: Preset, out: Path)
     ax.set_xlabel("round")
     ax.set_ylabel("validation Dice (val/dice)")
     ax.set_title("FedAvg convergence, simulated splits")
-    ax_ciil.set_xlabel("cycle")
-    ax_ciil.set_ylabel("held-out Dice")
-    ax_ciil.set_title("CIIL, held-out Dice after every cycle")
-    for a in (ax, ax_ciil):
+    panels = [ax]
+    if with_ciil:
+        ax_ciil.set_xlabel("cycle")
+        ax_ciil.set_ylabel("held-out Dice")
+        ax_ciil.set_title("CIIL, held-out Dice after every cycle")
+        panels.append(ax_ciil)
+    for a in panels:
         a.grid(alpha=0.3)
         a.legend(fontsize=8, loc="lower right")
     return [save_figure(fig, out / f"{preset.name}-simulated-convergence.png")]

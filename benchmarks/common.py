@@ -240,11 +240,11 @@ def per_volume_dice(module: Any, loader: Iterable[Mapping[str, Any]]) -> float:
 
 # ---------------------------------------------------------------------------------- output
 def write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON (NaN becomes null), creating the folder."""
+    """Write ``obj`` as JSON, floats to 6 significant digits, NaN as null, creating the folder."""
 
     def clean(value: Any) -> Any:
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
+        if isinstance(value, float):
+            return float(f"{value:.6g}") if math.isfinite(value) else None
         if isinstance(value, dict):
             return {str(k): clean(v) for k, v in value.items()}
         if isinstance(value, list | tuple):

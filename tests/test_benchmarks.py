@@ -100,7 +100,7 @@ def test_collaboration_modes_smoke(smoke: dict[str, tuple[int, str, Path]]) -> N
         assert all(_dice(r["val/dice"]) for r in run["rounds"])
     fedavg = runs[("real", "fedavg")]
     assert [r["round"] for r in fedavg["rounds"]] == [0, 1]
-    assert len(fedavg["history"]) == 2 and len(fedavg["history"][0]["succeeded"]) == 10
+    assert len(fedavg["history"]) == 2 and fedavg["history"][0]["succeeded"] == 10
     ciil = runs[("real", "ciil")]
     assert len(ciil["heldout_per_cycle"]) == 2
     assert len(ciil["probe"]) == 2 * 10 and all(_dice(s["dice"]) for s in ciil["probe"])
