@@ -38,7 +38,9 @@ table in about 20 minutes on 2 CPU cores), ``paper`` (the paper's settings, for 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -181,10 +183,6 @@ PRESETS: dict[str, Preset] = {
         threads=1,
         jobs=2,
         splits="real",
-        notes=(
-            "quick preset: IIL patience 3 (paper: 8) and at most 12 epochs per institution",
-            "quick preset: 10 rounds/cycles/epochs (CDS, FedAvg, CIIL), 2 seeds",
-        ),
     ),
     "paper": Preset(
         name="paper",
@@ -647,8 +645,9 @@ def _band(ax: Any, xs: Sequence[float], series: Sequence[Sequence[float]], color
 
 def plot_real(results: Sequence[dict[str, Any]], preset: Preset, out: Path) -> list[Path]:
     """Validation Dice per round of every mode, CIIL's held-out per cycle, IIL per epoch."""
-    fig, axes = figure(ncols=2, size=(6.4, 4.2))
-    ax, ax_iil = axes[0]
+    iil_runs = _runs(results, "real", "iil")
+    fig, axes = figure(ncols=2 if iil_runs else 1, size=(6.4, 4.2))
+    ax, ax_iil = axes[0][0], axes[0][-1]
     for mode in ("cds", "fedavg", "ciil", "single_large", "single_small"):
         runs = _runs(results, "real", mode)
         if not runs:
@@ -668,7 +667,7 @@ def plot_real(results: Sequence[dict[str, Any]], preset: Preset, out: Path) -> l
     ax.set_title("Real-split analogue, 10 institutions (★ held-out Dice of the selected round)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    for run in _runs(results, "real", "iil"):
+    for run in iil_runs:
         rounds = run["rounds"]
         ax_iil.plot(
             [r["round"] + 1 for r in rounds],
@@ -678,16 +677,17 @@ def plot_real(results: Sequence[dict[str, Any]], preset: Preset, out: Path) -> l
             label=f"seed {run['seed']}: val/dice",
         )
         ax_iil.axhline(run["heldout"], color=MODE_COLORS["iil"], linestyle=":", alpha=0.8)
-        if run is _runs(results, "real", "iil")[0]:
+        if run is iil_runs[0]:
             previous = None
             for entry in run["iil_history"]:
                 if entry["site"] != previous and previous is not None:
                     ax_iil.axvline(entry["round"] + 0.5, color="grey", alpha=0.3, linewidth=0.8)
                 previous = entry["site"]
-    ax_iil.set_xlabel("IIL epoch (grey: next institution)")
-    ax_iil.set_title(f"IIL, patience {preset.iil_patience} (dotted: final model's held-out Dice)")
-    ax_iil.grid(alpha=0.3)
-    ax_iil.legend(fontsize=8, loc="lower right")
+    if iil_runs:
+        ax_iil.set_xlabel("IIL epoch (grey: next institution)")
+        ax_iil.set_title(f"IIL, patience {preset.iil_patience} (dotted: final model's held-out Dice)")
+        ax_iil.grid(alpha=0.3)
+        ax_iil.legend(fontsize=8, loc="lower right")
     return [save_figure(fig, out / f"{preset.name}-real-dice-per-round.png")]
 
 
@@ -696,8 +696,9 @@ def plot_forgetting(results: Sequence[dict[str, Any]], preset: Preset, out: Path
     ciil = _runs(results, "real", "ciil")
     if not ciil or not ciil[0].get("probe"):
         return []
-    fig, axes = figure(ncols=2, size=(6.4, 4.0))
-    ax, ax_iil = axes[0]
+    iil_runs = _runs(results, "real", "iil")
+    fig, axes = figure(ncols=2 if iil_runs else 1, size=(6.4, 4.0))
+    ax, ax_iil = axes[0][0], axes[0][-1]
     sites = ciil[0]["sites"]
     first = sites[0]
     for run in ciil:
@@ -724,14 +725,14 @@ def plot_forgetting(results: Sequence[dict[str, Any]], preset: Preset, out: Path
             ms=3,
             label=f"FedAvg seed {run['seed']}, global model per round",
         )
-    for cycle in range(1, preset.rounds):
+    for cycle in range(1, len(ciil[0]["heldout_per_cycle"])):
         ax.axvline(cycle * len(sites) + 0.5, color="grey", alpha=0.25, linewidth=0.8)
     ax.set_xlabel(f"site step ({len(sites)} per cycle/round; red: right after institution {first} trained)")
     ax.set_ylabel(f"Dice on institution {first}'s validation volumes")
     ax.set_title(f"Forgetting: institution {first} (the largest) under CIIL")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    for run in _runs(results, "real", "iil"):
+    for run in iil_runs:
         rounds = run["rounds"]
         ax_iil.plot(
             [r["round"] + 1 for r in rounds],
@@ -739,10 +740,11 @@ def plot_forgetting(results: Sequence[dict[str, Any]], preset: Preset, out: Path
             color=MODE_COLORS["iil"],
             label=f"IIL seed {run['seed']}",
         )
-    ax_iil.set_xlabel("IIL epoch")
-    ax_iil.set_title(f"IIL: institution {first}'s validation Dice")
-    ax_iil.grid(alpha=0.3)
-    ax_iil.legend(fontsize=8, loc="lower right")
+    if iil_runs:
+        ax_iil.set_xlabel("IIL epoch")
+        ax_iil.set_title(f"IIL: institution {first}'s validation Dice")
+        ax_iil.grid(alpha=0.3)
+        ax_iil.legend(fontsize=8, loc="lower right")
     return [save_figure(fig, out / f"{preset.name}-ciil-forgetting.png")]
 
 
@@ -821,6 +823,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--plots-dir", type=Path, default=REPO_ROOT / "benchmarks" / "plots")
     parser.add_argument(
+        "--replot",
+        type=Path,
+        default=None,
+        help="rebuild tables.md and the plots of an existing results.json (no training)",
+    )
+    parser.add_argument(
         "--dry-run",
         action="store_true",
         help="build every run, train 1 batch of each (no validation), test 1 batch; write nothing",
@@ -863,6 +871,8 @@ def resolve_preset(args: argparse.Namespace) -> Preset:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     quiet()
+    if args.replot is not None:
+        return replot(args.replot, args.plots_dir)
     preset = resolve_preset(args)
     set_threads(preset.threads)
     modes = tuple(args.modes) if args.modes else REAL_MODES
@@ -877,6 +887,32 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"dry run: built and trained 1 batch of {len(results)} runs in {total:.0f} s")
         return {"results": results}
     out = args.out or REPO_ROOT / "benchmarks" / "results" / f"collaboration_modes-{preset.name}"
+    meta.update(wall_seconds=total, warm_seconds=warm, preset_base=args.preset, preset=asdict(preset))
+    return report({"meta": meta, "runs": results}, preset, out, args.plots_dir)
+
+
+def budget_notes(preset: Preset, results: Sequence[dict[str, Any]]) -> list[str]:
+    """What this run's budget changes from the paper's protocol (printed under the tables)."""
+    notes = list(preset.notes)
+    seeds = sorted({r["seed"] for r in results})
+    rounds = {r["split"]: len(r["rounds"]) for r in results if r["mode"] in ("cds", "fedavg", "ciil")}
+    if "real" in rounds:
+        notes.append(f"{preset.rounds} rounds/cycles/epochs on the real split (CDS, FedAvg, CIIL)")
+    if any(split.startswith("sim") for split in rounds):
+        notes.append(f"{preset.simulated_rounds} rounds/cycles/epochs on the simulated splits")
+    notes.append(f"{len(seeds)} seed(s)")
+    if any(r["mode"] == "iil" for r in results) and (preset.iil_patience != 8 or preset.iil_max_epochs_per_site):
+        cap = preset.iil_max_epochs_per_site
+        notes.append(
+            f"IIL patience {preset.iil_patience} (paper: 8)"
+            + (f" and at most {cap} epochs per institution" if cap else "")
+        )
+    return notes
+
+
+def report(document: dict[str, Any], preset: Preset, out: Path, plots_dir: Path) -> dict[str, Any]:
+    """Tables (printed, ``tables.md``, the JSON's ``tables``) and plots of a finished benchmark."""
+    results, meta = document["runs"], document["meta"]
     tables: dict[str, Any] = {}
     markdown: list[str] = []
     if any(r["split"] == "real" for r in results):
@@ -888,27 +924,33 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         tables["simulated"] = numbers
         markdown += ["### Simulated splits (paper Table 3): held-out Dice (% of CDS)", "", text, ""]
     plots = []
-    plots += plot_real(results, preset, args.plots_dir) if "real" in tables else []
-    plots += plot_forgetting(results, preset, args.plots_dir) if "real" in tables else []
-    plots += plot_simulated(results, preset, args.plots_dir)
+    plots += plot_real(results, preset, plots_dir) if "real" in tables else []
+    plots += plot_forgetting(results, preset, plots_dir) if "real" in tables else []
+    plots += plot_simulated(results, preset, plots_dir)
     markdown += [
-        f"Notes: {'; '.join(preset.notes)}." if preset.notes else "",
-        f"Wall time {total / 60:.1f} min (cache warm-up {warm:.0f} s); {meta['command']}",
+        f"Notes: {'; '.join(budget_notes(preset, results))}.",
+        f"Wall time {meta['wall_seconds'] / 60:.1f} min (cache warm-up {meta['warm_seconds']:.0f} s);"
+        f" {meta['command']}",
     ]
     text = "\n".join(markdown)
     print("\n" + text)
-    meta.update(
-        wall_seconds=total,
-        warm_seconds=warm,
-        preset_base=args.preset,
-        preset=asdict(preset),
-        plots=[str(p) for p in plots],
-    )
+    meta["plots"] = [os.path.relpath(p, REPO_ROOT) for p in plots]
     document = {"meta": meta, "tables": tables, "runs": results}
     write_json(out / "results.json", document)
     (out / "tables.md").write_text(text + "\n")
-    print(f"\nwrote {out / 'results.json'}, {out / 'tables.md'} and {len(plots)} plot(s) in {args.plots_dir}")
+    print(f"\nwrote {out / 'results.json'}, {out / 'tables.md'} and {len(plots)} plot(s) in {plots_dir}")
     return document
+
+
+def replot(path: Path, plots_dir: Path) -> dict[str, Any]:
+    """Rebuild the tables and plots of a ``results.json`` (written next to it) without training."""
+    document = json.loads(path.read_text())
+    fields = dict(document["meta"]["preset"])
+    for key in ("seeds", "simulated_sites", "synthetic_shape"):
+        fields[key] = tuple(fields[key])
+    base = PRESETS.get(document["meta"].get("preset_base") or fields["name"])
+    fields["notes"] = base.notes if base is not None else tuple(fields.get("notes", ()))
+    return report(document, Preset(**fields), path.parent, plots_dir)
 
 
 if __name__ == "__main__":

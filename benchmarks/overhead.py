@@ -510,19 +510,48 @@ def tables(report: dict[str, Any]) -> str:
         ]
     agg = report.get("aggregation")
     if agg:
+        configs = agg["configs"]
+        models = list(dict.fromkeys(c["model"] for c in configs))
+        first = {m: next(c for c in configs if c["model"] == m) for m in models}
+        header = " | ".join(
+            f"{m} U-Net ({first[m]['parameters'] / 1e6:.2f}M floats, {first[m]['state_mib']:.1f} MiB): "
+            "WeightedMean ms | peak MiB | keep-all peak MiB"
+            for m in models
+        )
         lines += [
             f"### WeightedMean: time and peak memory vs sites (peak: {agg['peak_method']} rise, "
             "glibc mmap threshold 128 KiB)",
             "",
-            "| model | state (MiB) | sites | method | total (ms) | per site (ms) | peak memory (MiB) | held (MiB) |",
-            "|---|---:|---:|---|---:|---:|---:|---:|",
+            f"| sites | {header} |",
+            "|---:|" + "---:|---:|---:|" * len(models),
         ]
-        for c in agg["configs"]:
-            lines.append(
-                f"| {c['model']} ({c['parameters'] / 1e6:.2f}M) | {c['state_mib']:.1f} | {c['sites']} | {c['method']} "
-                f"| {1000 * c['seconds']:.1f} | {c['ms_per_site']:.2f} | {c['peak_mib']:.1f} | {c['held_mib']:.1f} |"
-            )
-        lines.append("")
+
+        def cell(model: str, n: int, method: str, key: str) -> str:
+            found = [c for c in configs if (c["model"], c["sites"], c["method"]) == (model, n, method)]
+            if not found:
+                return "-"
+            value = found[0][key] * (1000 if key == "seconds" else 1)
+            return f"{value:.1f}"
+
+        for n in sorted({c["sites"] for c in configs}):
+            cells = []
+            for m in models:
+                cells += [
+                    cell(m, n, "WeightedMean", "seconds"),
+                    cell(m, n, "WeightedMean", "peak_mib"),
+                    cell(m, n, "keep every state", "peak_mib"),
+                ]
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        held = {
+            m: next(c["held_mib"] for c in configs if c["model"] == m and c["method"] == "WeightedMean") for m in models
+        }
+        lines += [
+            "",
+            "WeightedMean holds one float64 sum of the state ("
+            + ", ".join(f"{m}: {v:.1f} MiB" for m, v in held.items())
+            + ") whatever the number of sites; keep-all holds every site's state until it averages.",
+            "",
+        ]
     loader = report.get("loader")
     if loader:
         lines += [

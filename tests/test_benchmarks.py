@@ -109,6 +109,7 @@ def test_collaboration_modes_smoke(smoke: dict[str, tuple[int, str, Path]]) -> N
     assert single["val_every_n_epochs"] >= 1 and single["max_epochs"] == 2 * single["val_every_n_epochs"]
 
     assert "| CDS |" in markdown and "0.862" in markdown and "| 4 |" in markdown
+    assert "IIL patience 1 (paper: 8)" in markdown
     assert result["meta"]["commit"] and result["meta"]["machine"]["cpu_cores"]
     _check_pngs(
         plots, ["smoke-real-dice-per-round.png", "smoke-ciil-forgetting.png", "smoke-simulated-convergence.png"]
@@ -146,3 +147,22 @@ def test_overhead_smoke(smoke: dict[str, tuple[int, str, Path]]) -> None:
 
     assert "FedAvg round vs plain Lightning" in markdown and "WeightedMean" in markdown
     _check_pngs(plots, ["smoke-overhead-aggregation.png"])
+
+
+@pytest.mark.slow
+def test_collaboration_modes_replot(smoke: dict[str, tuple[int, str, Path]], tmp_path: Path) -> None:
+    """``--replot`` rebuilds the tables and plots of a results.json without training."""
+    results = tmp_path / "results.json"
+    results.write_text((smoke["collaboration_modes"][2] / "out" / "results.json").read_text())
+    command = [
+        sys.executable,
+        "benchmarks/collaboration_modes.py",
+        "--replot",
+        str(results),
+        "--plots-dir",
+        str(tmp_path),
+    ]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (tmp_path / "tables.md").read_text() == (smoke["collaboration_modes"][2] / "out" / "tables.md").read_text()
+    _check_pngs(tmp_path, ["smoke-real-dice-per-round.png", "smoke-ciil-forgetting.png"])
