@@ -20,7 +20,7 @@ pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run(mode: str, world: int, out: Path, *extra: str, timeout: float = 240) -> subprocess.CompletedProcess:
+def run(mode: str, world: int, out: Path, *extra: str, timeout: float = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
     env.pop("MASTER_PORT", None)
     return subprocess.run(
@@ -65,7 +65,7 @@ def test_distributed_run_matches_the_simulation(tmp_path, simulated, mode, world
 
 
 def test_killed_rank_stops_the_others_and_the_checkpoint_resumes(tmp_path, simulated):
-    timeout = 20
+    timeout = 45
     start = time.monotonic()
     proc = run(
         "fedavg",
@@ -86,7 +86,9 @@ def test_killed_rank_stops_the_others_and_the_checkpoint_resumes(tmp_path, simul
     # Either our collective names the round and the missing site, or Lightning's launcher saw the
     # child die first and ended the group; both within the collective timeout.
     assert "Round 1:" in proc.stderr or "terminated with code 17" in proc.stderr, proc.stderr[-3000:]
-    assert elapsed < timeout + 30
+    # The collective timeout is the behaviour under test: the survivors stop long before the
+    # default 30-minute timeout would let them hang. The margin covers start-up on a loaded machine.
+    assert elapsed < timeout + 300
     last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     assert last["epoch"] == 0 and last["federation"]["completed_rounds"] == 1
     # Resume the interrupted collaboration (here simulated in one process): same result.
@@ -137,7 +139,7 @@ def test_cli_fedavg_config_on_two_processes_matches_the_simulation(tmp_path):
             "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(out),
             "--data.init_args.data_root", str(data), "--model.init_args.compute_hd95", "false",
         ]  # fmt: skip
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stderr[-3000:]
         (last,) = out.rglob("last.ckpt")
         return torch.load(last, weights_only=False)
