@@ -185,12 +185,9 @@ def fedavg_vs_plain(preset: Preset) -> dict[str, Any]:
             trainer.fit(model, datamodule=_data(preset))
             runs[kind].append({"epoch_seconds": timer.seconds, "epoch_steps": timer.steps})
             if kind == "fedavg":
-                states = getattr(trainer.strategy, "_site_optimizer_states", {})
+                states = trainer.strategy.site_states.state_dict()
                 held_bytes = sum(
-                    t.numel() * t.element_size()
-                    for per_site in states.values()
-                    for opt in per_site
-                    for t in _tensors(opt)
+                    t.numel() * t.element_size() for per_site in states.values() for t in _tensors(per_site)
                 )
             print(f"  {kind} repeat {repeat}: epochs {', '.join(f'{s:.2f}' for s in timer.seconds)} s", flush=True)
     ratios_epoch, ratios_step = [], []

@@ -22,12 +22,9 @@ from lightning_fedseg.federation.modes import (
     mode_from_name,
 )
 from lightning_fedseg.federation.placement import assign_sites
-from lightning_fedseg.federation.strategy import (
-    FederatedStrategy,
-    RoundFailedError,
-    SiteDataModule,
-    register_strategies,
-)
+from lightning_fedseg.federation.registry import register_strategies
+from lightning_fedseg.federation.semantics import UnsupportedFeatureError
+from lightning_fedseg.federation.strategy import FederatedStrategy, RoundFailedError, SiteDataModule
 
 __all__ = [
     "CDS",
@@ -46,6 +43,7 @@ __all__ = [
     "SingleSite",
     "SiteDataModule",
     "SiteTask",
+    "UnsupportedFeatureError",
     "WeightedMean",
     "assign_sites",
     "check_compatible",

@@ -7,9 +7,10 @@ dead or hung peer surfaces as an error naming the round and the missing sites.
 
 from __future__ import annotations
 
+import math
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -150,27 +151,47 @@ class SiteComm:
         flat = flat.cpu()
         return unflatten_state(flat, state), bool(flat[-1] > 0.5)
 
-    def gather_union(self, local: Any) -> Any:
-        """Union of a set or dict over all processes (the object itself in one process)."""
+    def union(self, sites: Sequence[str], local: Iterable[str]) -> set[str]:
+        """The sites (of ``sites``) named by ``local`` on any process: one all-reduce of 0/1 flags."""
+        local = set(local)
         if not self.active:
             return local
-        gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, local)
-        merged = type(local)()
-        for part in gathered:
-            merged.update(part)
+        flags = torch.tensor([1.0 if s in local else 0.0 for s in sites], dtype=torch.float64, device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.SUM)
+        return {s for s, flag in zip(sites, flags.tolist(), strict=True) if flag > 0}
+
+    def merged_metrics(self, local: Mapping[str, float], keys: Sequence[str]) -> dict[str, float]:
+        """``local`` plus each of ``keys`` from the processes that logged it, so that every process
+        decides the same. A site's own metric exists on its process only; where several processes
+        logged a key, the mean of their finite values. One all-reduce of (value, count) pairs."""
+        merged = dict(local)
+        if not self.active or not keys:
+            return merged
+        pairs = []
+        for key in keys:
+            value = local.get(key)
+            present = value is not None and math.isfinite(value)
+            pairs += [float(value) if present else 0.0, 1.0 if present else 0.0]  # type: ignore[arg-type]
+        flat = torch.tensor(pairs, dtype=torch.float64, device=self.device)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        for i, key in enumerate(keys):
+            total, count = float(flat[2 * i]), float(flat[2 * i + 1])
+            if count > 0:
+                merged[key] = total / count
+            elif key in local:
+                merged[key] = local[key]
         return merged
 
-    def merged_metrics(self, local: Mapping[str, float]) -> dict[str, float]:
-        """Every process's metrics, so that all processes take the same decision: a site's own
-        metric exists on its process only; a key several processes logged keeps the first finite value."""
-        if not self.active:
-            return dict(local)
-        gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, dict(local))
-        merged: dict[str, float] = {}
-        for part in gathered:
-            for key, value in part.items():
-                if key not in merged or (value == value and merged[key] != merged[key]):
-                    merged[key] = value
-        return merged
+    def broadcast_text(self, text: str | None, src: int = 0) -> str | None:
+        """Send a short string (a checkpoint path, a version) from ``src`` as a byte tensor, never pickled."""
+        data = b"" if text is None else text.encode()
+        header = torch.tensor([len(data), 0 if text is None else 1], dtype=torch.int64, device=self.device)
+        dist.broadcast(header, src=src)
+        buffer = torch.zeros(int(header[0]), dtype=torch.uint8, device=self.device)
+        if self.rank == src:
+            buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device) if data else buffer
+        if buffer.numel():
+            dist.broadcast(buffer, src=src)
+        if not int(header[1]):
+            return None
+        return bytes(buffer.cpu().tolist()).decode()

@@ -56,6 +56,29 @@ POOLED = "pooled"
 """The pseudo-site name of the pooled (centralized) data."""
 
 
+def check_order(order: Sequence[str] | None, sites: Sequence[str]) -> tuple[str, ...]:
+    """The site order of a cycle or pass: ``order`` must name every site once.
+
+    Example:
+        >>> check_order(["b", "a"], ["a", "b"])
+        ('b', 'a')
+    """
+    if order is None:
+        return tuple(sites)
+    order = tuple(str(s) for s in order)
+    unknown = sorted(set(order) - set(sites))
+    missing = [s for s in sites if s not in order]
+    repeated = sorted({s for s in order if order.count(s) > 1})
+    if unknown or missing or repeated:
+        raise ValueError(
+            f"Expected `order` to name every site of {list(sites)} exactly once, but got {list(order)}"
+            f" (unknown: {unknown or 'none'}; missing: {missing or 'none'}; repeated: {repeated or 'none'})."
+            " HINT: a site left out of the order would be left out of the collaboration; give the DataModule"
+            " only the sites that take part."
+        )
+    return order
+
+
 def derive_seed(*entropy: int) -> int:
     """A 32-bit seed derived from integers (base seed, round, site, ...), stable across processes.
 
@@ -112,6 +135,9 @@ class CollaborationMode(ABC):
     resets_each_round: ClassVar[bool] = False
     """Whether every round is a new visit of a site (FedAvg, CIIL), so that an optimizer state
     policy of ``reset`` restarts the site's optimizer each round."""
+    decides_on_metrics: ClassVar[bool] = False
+    """Whether :meth:`end_round` decides on the round's validation metrics (IIL), which then must
+    exist every round."""
 
     def __init__(self) -> None:
         self.sites: tuple[str, ...] = ()
@@ -137,6 +163,11 @@ class CollaborationMode(ABC):
         ``weights()`` returns a CPU copy of the current global weights, for modes that keep some.
         """
         return RoundDecision()
+
+    def metric_keys(self, round_idx: int) -> tuple[str, ...]:
+        """The metrics :meth:`end_round` reads in round ``round_idx``: on several processes the
+        strategy gathers exactly these (as tensors) from the process that logged them."""
+        return ()
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -249,13 +280,7 @@ class CIIL(CollaborationMode):
 
     def setup(self, sites: Sequence[str]) -> None:
         super().setup(sites)
-        if self.order is not None:
-            unknown = sorted(set(self.order) - set(self.sites))
-            if unknown or len(set(self.order)) != len(self.order):
-                raise ValueError(
-                    f"Expected `order` to name distinct sites of {list(self.sites)}, but got {list(self.order)}."
-                )
-            self.sites = self.order
+        self.sites = check_order(self.order, self.sites)
 
     def plan(self, round_idx: int) -> RoundPlan:
         return RoundPlan(tuple(SiteTask(s, self.epochs_per_site) for s in self.sites), Aggregation.CHAIN)
@@ -282,6 +307,7 @@ class IIL(CollaborationMode):
     """
 
     name = "iil"
+    decides_on_metrics = True
 
     def __init__(
         self,
@@ -312,12 +338,7 @@ class IIL(CollaborationMode):
 
     def setup(self, sites: Sequence[str]) -> None:
         super().setup(sites)
-        if self.order is not None:
-            if set(self.order) - set(self.sites) or len(set(self.order)) != len(self.order):
-                raise ValueError(
-                    f"Expected `order` to name distinct sites of {list(self.sites)}, but got {list(self.order)}."
-                )
-            self.sites = self.order
+        self.sites = check_order(self.order, self.sites)
 
     @property
     def current_site(self) -> str:
@@ -340,19 +361,26 @@ class IIL(CollaborationMode):
         weights: Callable[[], Mapping[str, Tensor]],
     ) -> RoundDecision:
         site = self.current_site
-        key = self.monitor.format(site=site, index=self.sites.index(site))
-        if key not in metrics:
-            raise KeyError(
-                f"IIL monitors `{key}` for site {site!r}, but round {round_idx} logged no such metric"
-                f" (logged: {sorted(metrics)}). HINT: set `monitor` to a key your LightningModule logs."
-            )
-        value = float(metrics[key])
+        key = self.metric_keys(round_idx)[0]
         self.epochs_at_site += 1
-        if self._improved(value) and math.isfinite(value):
-            self.best, self.wait = value, 0
-            self.best_weights = {k: v.clone() for k, v in weights().items()}
+        if key in metrics:
+            value = float(metrics[key])
+            if self._improved(value) and math.isfinite(value):
+                self.best, self.wait = value, 0
+                self.best_weights = {k: v.clone() for k, v in weights().items()}
+            else:
+                self.wait += 1
+        elif self.max_epochs_per_site is not None:
+            # No validation data at this site: it trains `max_epochs_per_site` and passes on its last weights.
+            value, self.best_weights = float("nan"), None
         else:
-            self.wait += 1
+            raise ValueError(
+                f"IIL monitors `{key}` for site {site!r}, but round {round_idx} logged no such metric"
+                f" (logged: {sorted(metrics)}). A site without validation data cannot tell when it has"
+                " converged. HINT: give every site validation subjects, set `max_epochs_per_site` (such a site"
+                " then trains that many epochs and passes on its last weights), or set `monitor` to a key your"
+                " LightningModule logs."
+            )
         self.history.append({"round": round_idx, "site": site, "value": value, "wait": self.wait})
         capped = self.max_epochs_per_site is not None and self.epochs_at_site >= self.max_epochs_per_site
         if self.wait < self.patience and not capped:
@@ -362,6 +390,10 @@ class IIL(CollaborationMode):
         self.epochs_at_site, self.wait, self.best, self.best_weights = 0, 0, None, None
         decision.stop = self.position >= len(self.sites)
         return decision
+
+    def metric_keys(self, round_idx: int) -> tuple[str, ...]:
+        site = self.current_site
+        return (self.monitor.format(site=site, index=self.sites.index(site)),)
 
     def describe(self, round_idx: int) -> str:
         return f"iil site {self.current_site} epoch {self.epochs_at_site + 1}"

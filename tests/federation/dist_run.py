@@ -1,6 +1,6 @@
 """Run the toy federation with N processes (or simulated with N=1); rank 0 saves the final weights.
 
-Usage: python -m tests.federation.dist_run MODE WORLD OUT [--kill-rank R --kill-round K] [--ckpt-dir D]
+Usage: python -m tests.federation.dist_run MODE WORLD OUT [--kill-rank R --kill-round K] [--ckpt-dir D] [...]
 Launched exactly like a user's script: Lightning starts the other ranks itself (``devices=WORLD``).
 """
 
@@ -12,16 +12,31 @@ import warnings
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from lightning_fedseg import CIIL, IIL, FedAvg, FederatedStrategy
+from lightning_fedseg import CDS, CIIL, IIL, FedAvg, FederatedStrategy
 from tests.federation.toy import ToyClassifier, ToyDataModule
 
 MODES = {
+    "cds": CDS,
     "fedavg": lambda: FedAvg(local_epochs=1),
     "ciil": lambda: CIIL(epochs_per_site=1),
     "iil": lambda: IIL(patience=1, monitor="val/{site}/acc"),
 }
+
+
+OBJECT_COLLECTIVES = ("all_gather_object", "broadcast_object_list", "gather_object", "scatter_object_list")
+
+
+def forbid_object_collectives() -> None:
+    """Make every pickling collective raise: nothing but tensors may cross a process boundary."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a pickled object collective was used")
+
+    for name in OBJECT_COLLECTIVES:
+        setattr(dist, name, refuse)
 
 
 class KillRank(Callback):
@@ -49,7 +64,14 @@ def main() -> None:
     parser.add_argument("--resume", default=None)
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--policy", default="keep")
+    parser.add_argument("--no-batchnorm", action="store_true")
+    parser.add_argument("--no-shuffle", action="store_true")
+    parser.add_argument("--forbid-object-collectives", action="store_true")
     args = parser.parse_args()
+    if args.forbid_object_collectives:
+        forbid_object_collectives()
     pl.seed_everything(0, workers=True)
     sites = tuple("abcdef"[: args.sites])
     sizes = (24, 16, 8, 16, 8, 8)[: args.sites]
@@ -61,7 +83,7 @@ def main() -> None:
     trainer = pl.Trainer(
         accelerator=args.accelerator,
         devices=args.world,
-        strategy=FederatedStrategy(MODES[args.mode](), timeout=args.timeout, optimizer_state="keep"),
+        strategy=FederatedStrategy(MODES[args.mode](), timeout=args.timeout, optimizer_state=args.policy),
         max_epochs=args.rounds,
         logger=False,
         enable_progress_bar=False,
@@ -71,8 +93,9 @@ def main() -> None:
         deterministic=True,
         callbacks=callbacks,
     )
-    model = ToyClassifier()
-    trainer.fit(model, datamodule=ToyDataModule(sites=sites, sizes=sizes), ckpt_path=args.resume)
+    model = ToyClassifier(batchnorm=not args.no_batchnorm)
+    datamodule = ToyDataModule(sites=sites, sizes=sizes, batch_size=args.batch_size, shuffle=not args.no_shuffle)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=args.resume)
     if trainer.is_global_zero:
         state = {k: v.cpu() for k, v in model.state_dict().items()}
         torch.save({"state": state, "history": trainer.strategy.history}, args.out)

@@ -20,10 +20,7 @@ class SiteRecorder(Callback):
         self.visits: list[tuple[int, str, int]] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        # The strategy's own hook runs after the callbacks', so record at batch end.
-        pass
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        # The site switch happens before any `on_train_batch_start`: the batch's own site is active.
         info = trainer.strategy.progress_info()
         opt = trainer.optimizers[0]
         self.visits.append((trainer.current_epoch, info.get("site", "?"), len(opt.state)))
@@ -98,17 +95,19 @@ def test_ciil_visits_sites_in_order_and_resets_optimizer(tmp_path):
     per_round = sites[: len(sites) // 2]
     assert per_round == ["a"] * 3 + ["b"] * 2 + ["c"] * 1
     assert sites == per_round * 2
-    # reset: the first batch of every visit starts from an empty Adam state (1 step after it)
+    # reset: the first batch of every visit starts from an empty Adam state, seen at its batch start
     firsts = [v for i, v in enumerate(recorder.visits) if i == 0 or recorder.visits[i - 1][1] != v[1]]
-    assert all(n_state == len(list(ToyClassifier().parameters())) for _, _, n_state in firsts)
+    assert all(n_state == 0 for _, _, n_state in firsts)
+    n_params = len(list(ToyClassifier().parameters()))
+    assert all(v[2] == n_params for v in recorder.visits if v not in firsts)
 
 
 def test_keep_policy_continues_each_sites_optimizer(tmp_path):
     recorder = SiteRecorder()
     strategy = FederatedStrategy(FedAvg(), optimizer_state="keep")
     fit(tmp_path, strategy, callbacks=[recorder], max_epochs=2)
-    opt_states = strategy._site_optimizer_states
-    steps = {site: int(next(iter(states[0]["state"].values()))["step"]) for site, states in opt_states.items()}
+    opt_states = strategy.site_states.state_dict()
+    steps = {site: int(next(iter(states["optimizers"][0].values()))["step"]) for site, states in opt_states.items()}
     assert steps == {"a": 6, "b": 4, "c": 2}  # batches per round x 2 rounds
 
 
@@ -134,7 +133,7 @@ def test_short_names_are_registered(tmp_path):
 def test_validation_sees_global_weights_and_per_site_keys(tmp_path):
     class Check(Callback):
         def on_validation_start(self, trainer, pl_module):
-            rnd = trainer.strategy._round
+            rnd = trainer.strategy.engine.round
             self.finished = rnd is None or rnd.finished
 
     check = Check()

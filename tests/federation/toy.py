@@ -70,25 +70,37 @@ class ToyDataModule(pl.LightningDataModule):
 
 
 class ToyClassifier(pl.LightningModule):
-    """An ordinary LightningModule, unaware of federation; BatchNorm makes buffers matter."""
+    """An ordinary LightningModule, unaware of federation; BatchNorm makes buffers matter.
 
-    def __init__(self, lr: float = 0.05, dropout: float = 0.0) -> None:
+    ``scheduler(optimizer)`` may return a Lightning scheduler config (a dict with ``scheduler``,
+    ``interval``, ...); ``manual=True`` trains with two optimizers under manual optimization.
+    """
+
+    def __init__(self, lr: float = 0.05, dropout: float = 0.0, scheduler=None, batchnorm: bool = True, manual=False):
         super().__init__()
         self.net = nn.Sequential(
             nn.Linear(4, 8, bias=False),
-            nn.BatchNorm1d(8),
+            nn.BatchNorm1d(8) if batchnorm else nn.Identity(),
             nn.ReLU(),
             nn.Dropout(dropout),
             nn.Linear(8, 2),
         )
         self.lr = lr
+        self.scheduler = scheduler
         self.seen_sites: list[int] = []
+        self.automatic_optimization = not manual
 
     def training_step(self, batch, batch_idx):
         x, y, site = batch
         self.seen_sites.extend(site.tolist())
         loss = nn.functional.cross_entropy(self.net(x), y)
         self.log("train/loss", loss)
+        if not self.automatic_optimization:  # two optimizers: the first layer, then the rest
+            for opt in self.optimizers():
+                opt.zero_grad()
+            self.manual_backward(loss)
+            for opt in self.optimizers():
+                opt.step()
         return loss
 
     def validation_step(self, batch, batch_idx, dataloader_idx=0):
@@ -98,7 +110,14 @@ class ToyClassifier(pl.LightningModule):
         self.log(f"val/{name}/acc", acc, add_dataloader_idx=False)
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
+        if not self.automatic_optimization:
+            first = list(self.net[0].parameters())
+            rest = [p for p in self.parameters() if all(p is not q for q in first)]
+            return [torch.optim.Adam(first, lr=self.lr), torch.optim.SGD(rest, lr=self.lr, momentum=0.9)]
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.lr)
+        if self.scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.scheduler(optimizer)}
 
 
 def trainer_kwargs(tmp_path, **overrides):

@@ -1,0 +1,382 @@
+"""The round engine: one collaboration round inside one Lightning training epoch.
+
+A round runs as: the mode plans it (site tasks, ``mean`` or ``chain``); for each task of this
+process the engine puts the round's global weights into the module (``mean``) or takes the
+previous site's result (``chain``), restores the site's own state (:mod:`.site_state`), and lets
+Lightning train the site's local epochs with its ordinary semantics (:mod:`.semantics`); the
+site's result goes to the aggregator as it arrives, so memory grows with the model and not with
+the number of sites; before validation the aggregate becomes the global model.
+
+The training 'dataloader' of a federated fit is a :class:`RoundIterable` over the local sites'
+loaders. It records, for every batch it yields, which task and which local batch it is; the
+strategy's ``batch_to_device`` hook, which Lightning calls before any ``on_train_batch_start``,
+hands that record to :meth:`RoundEngine.on_batch`, which switches sites when the task changes.
+So callbacks and the module see a site's own weights and optimizer from its first batch on.
+
+Client-side steps (what changes inside a site's local training) act between
+:meth:`RoundEngine._begin_task` and :meth:`RoundEngine._end_task`; server-side steps (how the
+sites' results become the global weights) act in :meth:`RoundEngine._collect` and
+:meth:`RoundEngine._combine`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+
+from lightning_fedseg.federation.aggregate import (
+    NonFiniteStateError,
+    WeightedMean,
+    check_finite,
+    finalize_mean,
+    state_to_cpu,
+)
+from lightning_fedseg.federation.comm import CommStats
+from lightning_fedseg.federation.faults import FaultKind
+from lightning_fedseg.federation.modes import Aggregation, RoundPlan, derive_seed
+from lightning_fedseg.federation.semantics import site_batch_limit
+
+if TYPE_CHECKING:
+    from lightning_fedseg.federation.strategy import FederatedStrategy
+
+__all__ = ["IDLE", "BatchRecord", "RoundEngine", "RoundFailedError", "RoundIterable"]
+
+T = TypeVar("T")
+
+
+class RoundFailedError(RuntimeError):
+    """Too few sites finished a round; the run stops and the last checkpoint stays as it was."""
+
+
+class _IdleBatch:
+    """Yielded once by a process that trains no site this round, so that its epoch still validates."""
+
+    def __repr__(self) -> str:
+        return "<idle federated rank>"
+
+
+IDLE = _IdleBatch()
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    """Where a yielded batch belongs: its task (-1: idle), its index in the site's local epoch, and
+    whether it is that local epoch's last batch."""
+
+    task: int
+    index: int
+    last: bool
+
+
+@dataclass
+class _Round:
+    index: int
+    plan: RoundPlan
+    local_tasks: tuple[int, ...]
+    global_state: dict[str, Tensor] | None = None
+    records: deque[BatchRecord] = field(default_factory=deque)
+    current: BatchRecord | None = None
+    active: int | None = None
+    start_state: dict[str, Tensor] | None = None
+    accumulator: WeightedMean | None = None
+    succeeded: list[str] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)
+    synced_tasks: int = 0
+    finished: bool = False
+    train_seconds: float = 0.0
+    comm: CommStats = field(default_factory=CommStats)
+    task_started_at: float = 0.0
+
+
+def with_last(items: Iterable[T], limit: int | None = None) -> Iterator[tuple[T, bool]]:
+    """Yield ``(item, is_last)`` for at most ``limit`` items, looking one item ahead.
+
+    Example:
+        >>> list(with_last("abc")), list(with_last("abc", limit=2))
+        ([('a', False), ('b', False), ('c', True)], [('a', False), ('b', True)])
+    """
+    if limit is not None and limit <= 0:
+        return
+    iterator = iter(items)
+    try:
+        item = next(iterator)
+    except StopIteration:
+        return
+    count = 1
+    for upcoming in iterator:
+        if limit is not None and count >= limit:
+            break
+        yield item, False
+        item, count = upcoming, count + 1
+    yield item, True
+
+
+class RoundIterable:
+    """The training 'dataloader' of a federated fit: one pass is one round's local site tasks."""
+
+    def __init__(self, engine: RoundEngine) -> None:
+        self.engine = engine
+
+    def __iter__(self) -> Iterator[Any]:
+        engine = self.engine
+        rnd = engine.start_round()
+        yielded = False
+        for task_idx in rnd.local_tasks:
+            task = rnd.plan.tasks[task_idx]
+            loader = engine.site_loader(task.site)
+            limit = site_batch_limit(engine.batch_limit, loader, task.site)
+            for epoch in range(task.epochs):
+                engine.seed_loader(loader, rnd.index, task_idx, epoch)
+                for index, (batch, last) in enumerate(with_last(loader, limit)):
+                    if task_idx in rnd.failed:
+                        break
+                    rnd.records.append(BatchRecord(task_idx, index, last))
+                    yielded = True
+                    yield batch
+        if not yielded:
+            rnd.records.append(BatchRecord(-1, 0, True))
+            yield IDLE
+
+
+class RoundEngine:
+    """Runs the rounds of a :class:`~lightning_fedseg.federation.strategy.FederatedStrategy`."""
+
+    def __init__(self, strategy: FederatedStrategy) -> None:
+        self.strategy = strategy
+        self.round: _Round | None = None
+        self.batch_limit: int | float = 1.0
+        self._loaders: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ data
+    def site_loader(self, site: str) -> Any:
+        if site not in self._loaders:
+            self._loaders[site] = self.strategy.datamodule().site_train_dataloader(site)
+        return self._loaders[site]
+
+    def clear(self) -> None:
+        self._loaders.clear()
+        self.round = None
+
+    def seed_loader(self, loader: Any, round_idx: int, task_idx: int, epoch: int) -> None:
+        """Seed shuffling from (seed, round, site, epoch) instead of the global RNG."""
+        from torch.utils.data import RandomSampler
+
+        seed = derive_seed(self.strategy.seed, round_idx, self._site_index(task_idx), epoch, 1)
+        if hasattr(loader, "generator"):
+            loader.generator = torch.Generator().manual_seed(seed)
+        sampler = getattr(loader, "sampler", None)
+        if isinstance(sampler, RandomSampler):
+            sampler.generator = torch.Generator().manual_seed(seed + 1)
+
+    def _site_index(self, task_idx: int) -> int:
+        assert self.round is not None
+        return self.strategy.site_index(self.round.plan.tasks[task_idx].site)
+
+    # ------------------------------------------------------------------ batches
+    def start_round(self) -> _Round:
+        strategy = self.strategy
+        strategy.ensure_ready()
+        # Not `trainer.current_epoch`: while a resumed fit sets up its dataloader, Lightning still
+        # reports the epoch of the checkpoint.
+        index = strategy.completed_rounds
+        plan = strategy.mode.plan(index)
+        rank = strategy.federation_rank
+        local = tuple(i for i, task in enumerate(plan.tasks) if strategy.placement.get(task.site, 0) == rank)
+        rnd = _Round(index=index, plan=plan, local_tasks=local)
+        if plan.aggregation is Aggregation.MEAN:
+            rnd.global_state = state_to_cpu(strategy.module.state_dict())
+            rnd.accumulator = WeightedMean(strategy.integer_policy)
+        self.round = rnd
+        return rnd
+
+    def on_batch(self) -> None:
+        """A training batch is about to be used: take its record and switch sites if it moved on."""
+        rnd = self.round
+        if rnd is None or rnd.finished or not rnd.records:
+            return
+        record = rnd.records.popleft()
+        rnd.current = record
+        if record.task >= 0 and record.task != rnd.active:
+            self._end_task()
+            self._begin_task(record.task)
+
+    def local_batch(self) -> tuple[int, bool]:
+        """(index in the site's local epoch, whether last) of the current batch, for accumulation."""
+        record = self.round.current if self.round is not None else None
+        return (record.index, record.last) if record is not None else (0, True)
+
+    @property
+    def skips_step(self) -> bool:
+        """Whether the current batch trains nothing (an idle process or a failed site)."""
+        rnd = self.round
+        if rnd is None or rnd.current is None:
+            return False
+        return rnd.current.task < 0 or rnd.current.task in rnd.failed
+
+    def training_step(self, step: Any, batch: Any) -> Any:
+        """Run ``step()`` for the current site; a site's failure is recorded, not raised."""
+        rnd = self.round
+        if batch is IDLE:
+            return self._no_op_loss()
+        if rnd is None or rnd.active is None:
+            return step()
+        if rnd.active in rnd.failed:
+            return self._no_op_loss()
+        site = rnd.plan.tasks[rnd.active].site
+        try:
+            faults = self.strategy.faults
+            if faults.kind is FaultKind.RAISE and faults.due(site, rnd.index, self._site_index(rnd.active)):
+                raise RuntimeError(f"injected fault at site {site!r} in round {rnd.index}")
+            return step()
+        except Exception as err:  # a site's failure must not stop the federation
+            rnd.failed[rnd.active] = f"{type(err).__name__}: {err}"
+            rank_zero_warn(f"Round {rnd.index}: site {site!r} failed and is dropped from the round ({err}).")
+            return self._no_op_loss()
+
+    def _no_op_loss(self) -> Tensor:
+        """A loss connected to no parameter. (Lightning refuses `None` when several processes run.)"""
+        return torch.zeros((), device=self.strategy.root_device, requires_grad=True)
+
+    # ------------------------------------------------------------------ site tasks
+    def _begin_task(self, task_idx: int) -> None:
+        rnd, strategy = self.round, self.strategy
+        assert rnd is not None
+        module = strategy.module
+        task = rnd.plan.tasks[task_idx]
+        if rnd.plan.aggregation is Aggregation.MEAN:
+            assert rnd.global_state is not None
+            module.load_state_dict(rnd.global_state)
+        else:
+            strategy.sync_chain(rnd, task_idx)
+            rnd.start_state = state_to_cpu(module.state_dict())
+        strategy.site_states.enter(task.site)
+        torch.manual_seed(derive_seed(strategy.seed, rnd.index, self._site_index(task_idx), 0, 2))
+        rnd.active = task_idx
+        strategy.call_site_hook("on_site_start", task.site, rnd.index)
+        rnd.task_started_at = time.perf_counter()
+
+    def _end_task(self) -> None:
+        rnd, strategy = self.round, self.strategy
+        if rnd is None or rnd.active is None:
+            return
+        module = strategy.module
+        rnd.train_seconds += time.perf_counter() - rnd.task_started_at
+        task_idx = rnd.active
+        site = rnd.plan.tasks[task_idx].site
+        if task_idx not in rnd.failed:
+            strategy.call_site_hook("on_site_end", site, rnd.index)
+        rnd.active = None
+        if task_idx not in rnd.failed:
+            state = module.state_dict()
+            faults = strategy.faults
+            if faults.kind is FaultKind.NAN and faults.due(site, rnd.index, self._site_index(task_idx)):
+                state = {k: v.float().fill_(float("nan")) if v.is_floating_point() else v for k, v in state.items()}
+            try:
+                self._collect(rnd, state, site)
+            except NonFiniteStateError as err:
+                rnd.failed[task_idx] = str(err)
+                rank_zero_warn(f"Round {rnd.index}: {err} The site is dropped from the round.")
+        if task_idx in rnd.failed:
+            strategy.site_states.forget(site)
+            if rnd.start_state is not None and rnd.plan.aggregation is Aggregation.CHAIN:
+                module.load_state_dict(rnd.start_state)
+        else:
+            rnd.succeeded.append(site)
+        if rnd.plan.aggregation is Aggregation.CHAIN:
+            strategy.sync_chain(rnd, task_idx + 1)
+
+    # ------------------------------------------------------------------ server side
+    def _collect(self, rnd: _Round, state: dict[str, Tensor], site: str) -> None:
+        """File one site's result (raises :class:`NonFiniteStateError` for NaN/Inf weights)."""
+        if rnd.accumulator is not None:
+            rnd.accumulator.add(state, self.strategy.site_weight(site), site)
+        else:
+            check_finite(state, site)
+
+    def _combine(self, rnd: _Round) -> int:
+        """Make the round's global model; returns how many sites contributed (over all processes)."""
+        strategy = self.strategy
+        module = strategy.module
+        if rnd.plan.aggregation is not Aggregation.MEAN:
+            strategy.sync_chain(rnd, len(rnd.plan.tasks))
+            return len(rnd.succeeded)
+        assert rnd.accumulator is not None and rnd.global_state is not None
+        sums, total = rnd.accumulator.sums()
+        sums, total, succeeded = strategy.comm.all_reduce_sums(
+            sums, total, len(rnd.succeeded), rnd.global_state, rnd.comm, rnd.index
+        )
+        if succeeded >= strategy.min_sites and total > 0:
+            module.load_state_dict(finalize_mean(sums, total, rnd.global_state, strategy.integer_policy))
+        return succeeded
+
+    def finish_round(self) -> None:
+        """Close the round: the aggregate becomes the global model (idempotent)."""
+        rnd = self.round
+        if rnd is None or rnd.finished:
+            return
+        self._end_task()
+        rnd.current = None
+        succeeded = self._combine(rnd)
+        rnd.finished = True
+        if succeeded < self.strategy.min_sites:
+            tasks = rnd.plan.tasks
+            failures = "; ".join(f"{tasks[i].site}: {msg}" for i, msg in sorted(rnd.failed.items()))
+            raise RoundFailedError(
+                f"Round {rnd.index}: only {succeeded} of {len(tasks)} sites finished, fewer than"
+                f" `min_sites`={self.strategy.min_sites} ({failures or 'no site trained'}). The run stops;"
+                " the last checkpoint is intact and `fit(ckpt_path='last')` resumes from it."
+            )
+
+    def end_round(self, trainer: Any, module: Any) -> None:
+        """After the round's validation: the mode decides, the round is recorded and logged."""
+        rnd, strategy = self.round, self.strategy
+        if rnd is None:
+            return
+        self.finish_round()
+        comm = strategy.comm
+        metrics = comm.merged_metrics(_float_metrics(trainer.callback_metrics), strategy.mode.metric_keys(rnd.index))
+        decision = strategy.mode.end_round(rnd.index, metrics, lambda: state_to_cpu(module.state_dict()))
+        if decision.weights is not None:
+            module.load_state_dict(decision.weights)
+        trainer.should_stop = trainer.should_stop or decision.stop
+        failed_here = {rnd.plan.tasks[i].site: msg for i, msg in rnd.failed.items()}
+        failed = {s: failed_here.get(s, "failed on another process") for s in comm.union(strategy.sites, failed_here)}
+        succeeded = sorted(comm.union(strategy.sites, rnd.succeeded))
+        record: dict[str, Any] = {
+            "round": rnd.index,
+            "sites": list(rnd.plan.sites),
+            "succeeded": succeeded,
+            "failed": failed,
+            "train_seconds": rnd.train_seconds,
+            "comm_seconds": rnd.comm.seconds,
+            "bytes_sent": rnd.comm.bytes_sent,
+            "bytes_received": rnd.comm.bytes_received,
+        }
+        strategy.history.append(record)
+        strategy.completed_rounds += 1
+        for key in ("train_seconds", "comm_seconds", "bytes_sent", "bytes_received"):
+            module.log(f"federation/{key}", float(record[key]), on_epoch=True, sync_dist=False)
+        module.log("federation/sites_succeeded", float(len(succeeded)), on_epoch=True)
+        self.round = None
+
+    @property
+    def in_round(self) -> bool:
+        """Whether a round is under way and its global model not yet made."""
+        return self.round is not None and not self.round.finished
+
+
+def _float_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        try:
+            out[key] = float(value)
+        except (TypeError, ValueError):
+            continue
+    return out
