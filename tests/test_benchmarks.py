@@ -168,3 +168,30 @@ def test_collaboration_modes_replot(smoke: dict[str, tuple[int, str, Path]], tmp
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert (tmp_path / "tables.md").read_text() == (smoke["collaboration_modes"][2] / "out" / "tables.md").read_text()
     _check_pngs(tmp_path, ["smoke-real-dice-per-round.png", "smoke-ciil-forgetting.png"])
+
+
+@pytest.mark.slow
+def test_algorithms_smoke_resumes_from_finished_runs(tmp_path: Path) -> None:
+    """Each finished run is kept; a second invocation trains nothing and rebuilds the same table."""
+    env = {
+        **os.environ,
+        "LIGHTNING_FEDSEG_DATA": str(tmp_path / "data"),
+        "LIGHTNING_FEDSEG_CACHE": str(tmp_path / "cache"),
+        "PYTHONWARNINGS": "ignore",
+    }
+    command = [
+        sys.executable, "benchmarks/algorithms.py", "--preset", "smoke", "--out", str(tmp_path / "out"),
+        "--plots-dir", str(tmp_path / "plots"), "--algorithms", "cds", "fedavg", "fedadam", "median", "fedbn",
+    ]  # fmt: skip
+    first = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    runs = sorted(p.name for p in (tmp_path / "out" / "runs").glob("*.json"))
+    assert runs == [f"sim4-{a}-seed0.json" for a in sorted(("cds", "fedavg", "fedadam", "median", "fedbn"))]
+    table = (tmp_path / "out" / "tables.md").read_text()
+    second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0 and "runs to do" not in second.stdout
+    assert (tmp_path / "out" / "tables.md").read_text() == table
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(result["tables"]["sim4"]) == {"cds", "fedavg", "fedadam", "median", "fedbn"}
+    assert all(_dice(r["heldout"]) and len(r["val_dice"]) == 2 for r in result["runs"])
+    _check_pngs(tmp_path / "plots", ["smoke-algorithms-sim4.png"])

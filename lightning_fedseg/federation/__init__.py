@@ -10,6 +10,7 @@ from lightning_fedseg.federation.aggregate import (
     weighted_average,
 )
 from lightning_fedseg.federation.callbacks import FederatedProgressBar, FederatedRichProgressBar
+from lightning_fedseg.federation.client_steps import SCAFFOLD, ClientStep, FedBN, FedProx
 from lightning_fedseg.federation.modes import (
     CDS,
     CIIL,
@@ -23,26 +24,41 @@ from lightning_fedseg.federation.modes import (
 )
 from lightning_fedseg.federation.placement import assign_sites
 from lightning_fedseg.federation.registry import register_strategies
+from lightning_fedseg.federation.robust import CoordinateMedian, Krum, TrimmedMean
 from lightning_fedseg.federation.semantics import UnsupportedFeatureError
+from lightning_fedseg.federation.server import FedAdagrad, FedAdam, FedAvgM, FedAvgStep, FedYogi, ServerStep
 from lightning_fedseg.federation.strategy import FederatedStrategy, RoundFailedError, SiteDataModule
 
 __all__ = [
     "CDS",
     "CIIL",
     "IIL",
+    "SCAFFOLD",
+    "ClientStep",
     "CollaborationMode",
+    "CoordinateMedian",
+    "FedAdagrad",
+    "FedAdam",
     "FedAvg",
+    "FedAvgM",
+    "FedAvgStep",
+    "FedBN",
+    "FedProx",
+    "FedYogi",
     "FederatedProgressBar",
     "FederatedRichProgressBar",
     "FederatedStrategy",
     "IncompatibleStateError",
     "IntegerPolicy",
+    "Krum",
     "NonFiniteStateError",
     "RoundFailedError",
     "RoundPlan",
+    "ServerStep",
     "SingleSite",
     "SiteDataModule",
     "SiteTask",
+    "TrimmedMean",
     "UnsupportedFeatureError",
     "WeightedMean",
     "assign_sites",

@@ -182,6 +182,41 @@ class SiteComm:
                 merged[key] = local[key]
         return merged
 
+    def gather_states(
+        self,
+        local: Sequence[tuple[int, float, Mapping[str, Tensor]]],
+        reference: Mapping[str, Tensor],
+        stats: CommStats,
+        round_idx: int,
+    ) -> list[tuple[int, float, dict[str, Tensor]]]:
+        """Every process's ``(site index, weight, state)`` of the round, sorted by site index.
+
+        For server steps that need each site's state (robust rules). One all-reduce of the site
+        count, then one all-gather of ``max count x (2 + state size)`` float64 values per process.
+        """
+        rows = sorted(local, key=lambda r: r[0])
+        if not self.active:
+            return [(i, w, dict(s)) for i, w, s in rows]
+        count = torch.tensor([float(len(rows))], dtype=torch.float64, device=self.device)
+        self._call(stats, round_idx, "count of site states", dist.all_reduce, count, op=dist.ReduceOp.MAX)
+        most = int(count.item())
+        size = sum(v.numel() for v in reference.values()) + 2
+        buffer = torch.zeros(most, size, dtype=torch.float64)
+        for row, (index, weight, state) in enumerate(rows):  # [state..., site index, weight]
+            buffer[row] = flatten_state({k: state[k] for k in reference}, float(index), float(weight))
+        buffer = buffer.to(self.device)
+        gathered = [torch.empty_like(buffer) for _ in range(self.world_size)]
+        self._call(stats, round_idx, "all-gather of site states", dist.all_gather, gathered, buffer)
+        nbytes = buffer.numel() * buffer.element_size()
+        stats.bytes_sent += nbytes * (self.world_size - 1)
+        stats.bytes_received += nbytes * (self.world_size - 1)
+        out = []
+        for part in gathered:
+            for row in part.cpu():
+                if row[-1] > 0:  # padding rows have weight 0
+                    out.append((int(row[-2]), float(row[-1]), unflatten_state(row[:-2], reference)))
+        return sorted(out, key=lambda r: r[0])
+
     def broadcast_text(self, text: str | None, src: int = 0) -> str | None:
         """Send a short string (a checkpoint path, a version) from ``src`` as a byte tensor, never pickled."""
         data = b"" if text is None else text.encode()

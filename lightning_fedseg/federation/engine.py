@@ -86,6 +86,8 @@ class _Round:
     active: int | None = None
     start_state: dict[str, Tensor] | None = None
     accumulator: WeightedMean | None = None
+    site_results: list[tuple[dict[str, Tensor], float, str]] = field(default_factory=list)
+    client_sums: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     succeeded: list[str] = field(default_factory=list)
     failed: dict[int, str] = field(default_factory=dict)
     synced_tasks: int = 0
@@ -153,6 +155,8 @@ class RoundEngine:
         self.round: _Round | None = None
         self.batch_limit: int | float = 1.0
         self._loaders: dict[str, Any] = {}
+        self._val_backup: dict[str, Tensor] | None = None
+        self._val_site: str | None = None
 
     # ------------------------------------------------------------------ data
     def site_loader(self, site: str) -> Any:
@@ -192,7 +196,8 @@ class RoundEngine:
         rnd = _Round(index=index, plan=plan, local_tasks=local)
         if plan.aggregation is Aggregation.MEAN:
             rnd.global_state = state_to_cpu(strategy.module.state_dict())
-            rnd.accumulator = WeightedMean(strategy.integer_policy)
+            if not strategy.server.needs_site_states:
+                rnd.accumulator = WeightedMean(strategy.integer_policy)
         self.round = rnd
         return rnd
 
@@ -234,11 +239,34 @@ class RoundEngine:
             faults = self.strategy.faults
             if faults.kind is FaultKind.RAISE and faults.due(site, rnd.index, self._site_index(rnd.active)):
                 raise RuntimeError(f"injected fault at site {site!r} in round {rnd.index}")
-            return step()
+            return self._with_loss_terms(step())
         except Exception as err:  # a site's failure must not stop the federation
             rnd.failed[rnd.active] = f"{type(err).__name__}: {err}"
             rank_zero_warn(f"Round {rnd.index}: site {site!r} failed and is dropped from the round ({err}).")
             return self._no_op_loss()
+
+    def _with_loss_terms(self, output: Any) -> Any:
+        """Add the client steps' loss terms (FedProx) to the training step's loss."""
+        terms = [t for t in (c.loss_term(self.strategy.module) for c in self.strategy.clients) if t is not None]
+        if not terms:
+            return output
+        extra = torch.stack([t.reshape(()) for t in terms]).sum()
+        if isinstance(output, Tensor):
+            return output + extra
+        if isinstance(output, Mapping) and "loss" in output:
+            return {**output, "loss": output["loss"] + extra}
+        raise TypeError(
+            "A client step adds a term to the loss, but `training_step` returned neither a tensor nor a dict"
+            f" with 'loss' ({type(output).__name__})."
+        )
+
+    def before_optimizer_step(self, optimizer: Any) -> None:
+        """After backward and unscaling, before clipping: the client steps' gradient corrections."""
+        rnd = self.round
+        if rnd is None or rnd.active is None or rnd.active in rnd.failed:
+            return
+        for client in self.strategy.clients:
+            client.before_optimizer_step(self.strategy.module, optimizer)
 
     def _no_op_loss(self) -> Tensor:
         """A loss connected to no parameter. (Lightning refuses `None` when several processes run.)"""
@@ -257,6 +285,9 @@ class RoundEngine:
             strategy.sync_chain(rnd, task_idx)
             rnd.start_state = state_to_cpu(module.state_dict())
         strategy.site_states.enter(task.site)
+        for client in strategy.clients:
+            state = strategy.site_states.client_state(task.site, client.name)
+            client.begin_site(task.site, module, rnd.global_state or {}, state)
         torch.manual_seed(derive_seed(strategy.seed, rnd.index, self._site_index(task_idx), 0, 2))
         rnd.active = task_idx
         strategy.call_site_hook("on_site_start", task.site, rnd.index)
@@ -283,6 +314,8 @@ class RoundEngine:
             except NonFiniteStateError as err:
                 rnd.failed[task_idx] = str(err)
                 rank_zero_warn(f"Round {rnd.index}: {err} The site is dropped from the round.")
+            else:
+                self._end_clients(rnd, site)
         if task_idx in rnd.failed:
             strategy.site_states.forget(site)
             if rnd.start_state is not None and rnd.plan.aggregation is Aggregation.CHAIN:
@@ -292,11 +325,28 @@ class RoundEngine:
         if rnd.plan.aggregation is Aggregation.CHAIN:
             strategy.sync_chain(rnd, task_idx + 1)
 
+    def _end_clients(self, rnd: _Round, site: str) -> None:
+        """Keep each client step's site state; add its contribution to the round's sum."""
+        strategy = self.strategy
+        for client in strategy.clients:
+            state, contribution = client.end_site(site, strategy.module)
+            if state is not None:
+                strategy.site_states.set_client_state(site, client.name, state)
+            if contribution is not None:
+                total = rnd.client_sums.get(client.name)
+                rnd.client_sums[client.name] = (
+                    contribution if total is None else {k: v + contribution[k] for k, v in total.items()}
+                )
+
     # ------------------------------------------------------------------ server side
     def _collect(self, rnd: _Round, state: dict[str, Tensor], site: str) -> None:
         """File one site's result (raises :class:`NonFiniteStateError` for NaN/Inf weights)."""
+        weight = self.strategy.site_weight(site) if rnd.plan.aggregation is Aggregation.MEAN else 1.0
         if rnd.accumulator is not None:
-            rnd.accumulator.add(state, self.strategy.site_weight(site), site)
+            rnd.accumulator.add(state, weight, site)
+        elif rnd.plan.aggregation is Aggregation.MEAN:  # a server step that needs every site's state
+            check_finite(state, site)
+            rnd.site_results.append((state_to_cpu(state), weight, site))
         else:
             check_finite(state, site)
 
@@ -307,14 +357,83 @@ class RoundEngine:
         if rnd.plan.aggregation is not Aggregation.MEAN:
             strategy.sync_chain(rnd, len(rnd.plan.tasks))
             return len(rnd.succeeded)
-        assert rnd.accumulator is not None and rnd.global_state is not None
-        sums, total = rnd.accumulator.sums()
-        sums, total, succeeded = strategy.comm.all_reduce_sums(
-            sums, total, len(rnd.succeeded), rnd.global_state, rnd.comm, rnd.index
-        )
-        if succeeded >= strategy.min_sites and total > 0:
-            module.load_state_dict(finalize_mean(sums, total, rnd.global_state, strategy.integer_policy))
+        assert rnd.global_state is not None
+        comm, server = strategy.comm, strategy.server
+        if rnd.accumulator is None:  # robust rules: every site's state, in site order on every process
+            ordered = [(strategy.site_index(site), weight, state) for state, weight, site in rnd.site_results]
+            gathered = comm.gather_states(ordered, rnd.global_state, rnd.comm, rnd.index)
+            succeeded = len(gathered)
+            if succeeded >= strategy.min_sites:
+                states, weights = [g[2] for g in gathered], [g[1] for g in gathered]
+                module.load_state_dict(server.step_from_sites(rnd.global_state, states, weights, rnd.index))
+        else:
+            sums, total = rnd.accumulator.sums()
+            sums, total, succeeded = comm.all_reduce_sums(
+                sums, total, len(rnd.succeeded), rnd.global_state, rnd.comm, rnd.index
+            )
+            if succeeded >= strategy.min_sites and total > 0:
+                mean = finalize_mean(sums, total, rnd.global_state, strategy.integer_policy)
+                module.load_state_dict(server.step(rnd.global_state, mean, rnd.index))
+        for client in strategy.clients:
+            reference = client.reference_sum()
+            if reference is None:
+                continue
+            summed, _, _ = comm.all_reduce_sums(
+                rnd.client_sums.get(client.name, reference), 0.0, 0, reference, rnd.comm, rnd.index
+            )
+            client.end_round(summed, succeeded)
+        self._keep_test_layers(rnd)
         return succeeded
+
+    def _keep_test_layers(self, rnd: _Round) -> None:
+        """FedBN with a named site: the global model carries that site's own normalization layers."""
+        strategy = self.strategy
+        for client in strategy.clients:
+            site = getattr(client, "test_layers", "aggregate")
+            if site == "aggregate":
+                continue
+            keys = client.local_keys()
+            current = {k: v for k, v in strategy.module.state_dict().items() if k in keys}
+            own = strategy.site_states.client_state(site, client.name)
+            comm = strategy.comm
+            if comm.active:
+                received, ok = comm.broadcast_state(
+                    own if own is not None else current,
+                    own is not None,
+                    strategy.placement[site],
+                    rnd.comm,
+                    rnd.index,
+                    f"normalization layers of site {site!r}",
+                )
+                own = (received if received is not None else own) if ok else None
+            if own is not None:
+                strategy.module.load_state_dict(own, strict=False)
+
+    def validate_site(self, dataloader_idx: int | None) -> None:
+        """FedBN: each site's validation loader runs with that site's own normalization layers;
+        ``None`` (validation ended) puts the global model's back."""
+        strategy = self.strategy
+        for client in strategy.clients:
+            keys = client.local_keys()
+            if not keys:
+                continue
+            module = strategy.module
+            if dataloader_idx is None:
+                if self._val_backup is not None:
+                    module.load_state_dict(self._val_backup, strict=False)
+                self._val_backup, self._val_site = None, None
+                return
+            sites = strategy.sites
+            site = sites[dataloader_idx] if dataloader_idx < len(sites) else None
+            own = strategy.site_states.client_state(site, client.name) if site is not None else None
+            if site == self._val_site:
+                return
+            if own is not None and self._val_backup is None:
+                self._val_backup = {k: v.detach().clone() for k, v in module.state_dict().items() if k in keys}
+            target = own if own is not None else self._val_backup
+            if target is not None:
+                module.load_state_dict(target, strict=False)
+            self._val_site = site
 
     def finish_round(self) -> None:
         """Close the round: the aggregate becomes the global model (idempotent)."""

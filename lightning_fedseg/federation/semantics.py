@@ -14,7 +14,7 @@ budget, checkpoints inside an epoch) have no sound federated meaning and are ref
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sized
+from collections.abc import Callable, Sequence, Sized
 from typing import TYPE_CHECKING, Any
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
     from lightning_fedseg.federation.modes import CollaborationMode
 
-__all__ = ["UnsupportedFeatureError", "check_trainer", "patch_accumulation", "site_batch_limit"]
+__all__ = ["UnsupportedFeatureError", "check_algorithms", "check_trainer", "patch_accumulation", "site_batch_limit"]
 
 
 class UnsupportedFeatureError(MisconfigurationException):
@@ -74,6 +74,36 @@ def check_trainer(trainer: pl.Trainer, mode: CollaborationMode) -> None:
         raise UnsupportedFeatureError(
             "FederatedStrategy cannot keep the meaning of these settings:\n- " + "\n- ".join(problems)
         )
+
+
+def check_algorithms(mode: CollaborationMode, server: Any, clients: Sequence[Any], module: Any) -> None:
+    """Refuse server and client steps where they have no sound meaning (one error lists them all)."""
+    from lightning_fedseg.federation.modes import FedAvg
+    from lightning_fedseg.federation.server import FedAvgStep
+
+    problems: list[str] = []
+    if not isinstance(mode, FedAvg):
+        steps = ([server] if not isinstance(server, FedAvgStep) else []) + list(clients)
+        for step in steps:
+            problems.append(
+                f"{step!r} works on sites that all start a round from the same global weights; the {mode.name}"
+                " mode has no such round. HINT: use it with the `fedavg` mode."
+            )
+    if not module.automatic_optimization:
+        for step in clients:
+            if type(step).loss_term is not _base_loss_term():
+                problems.append(
+                    f"{step!r} adds a term to the training loss, which manual optimization computes and"
+                    " back-propagates itself. HINT: use automatic optimization."
+                )
+    if problems:
+        raise UnsupportedFeatureError("FederatedStrategy cannot combine:\n- " + "\n- ".join(problems))
+
+
+def _base_loss_term() -> Any:
+    from lightning_fedseg.federation.client_steps import ClientStep
+
+    return ClientStep.loss_term
 
 
 def site_batch_limit(limit: int | float, loader: Any, site: str) -> int | None:

@@ -74,6 +74,8 @@ class SiteStates:
         self._initial = self._capture()
         self._stored: dict[str, dict[str, Any]] = {}
         self.live: str | None = None
+        self.client: dict[str, dict[str, Any]] = {}
+        """``{site: {client step name: state}}``: what client steps keep per site (always kept)."""
 
     def _local_configs(self) -> list[LRSchedulerConfig]:
         return [c for c in self.schedulers if id(c.scheduler) in self._local]
@@ -139,6 +141,12 @@ class SiteStates:
         self._stored = {site: dict(state) for site, state in states.items()}
         self.live = None
 
+    def client_state(self, site: str, name: str) -> Any | None:
+        return self.client.get(site, {}).get(name)
+
+    def set_client_state(self, site: str, name: str, state: Any) -> None:
+        self.client.setdefault(site, {})[name] = state
+
     def save_shards(
         self, checkpoint_path: str | os.PathLike[str], sites: Sequence[str], index: Mapping[str, int]
     ) -> None:
@@ -147,17 +155,17 @@ class SiteStates:
         folder.mkdir(parents=True, exist_ok=True)
         optimizer_states = self.state_dict(sites)
         for site in sites:
-            if site not in optimizer_states:
+            if site not in optimizer_states and site not in self.client:
                 continue
             path = folder / f"site{index[site]}.pt"
             tmp = path.with_suffix(".pt.tmp")
-            shard = {"site": site, "state": optimizer_states.get(site)}
+            shard = {"site": site, "state": optimizer_states.get(site), "client": self.client.get(site, {})}
             torch.save(shard, tmp)
             os.replace(tmp, path)
 
     @staticmethod
     def read_shards(checkpoint_path: str | os.PathLike[str], sites: Sequence[str]) -> dict[str, dict[str, Any]]:
-        """The shards (``{"site", "state"}``) of ``sites`` beside ``checkpoint_path`` (a linked
+        """The shards (``{"state", "client"}``) of ``sites`` beside ``checkpoint_path`` (a linked
         ``last.ckpt`` is followed)."""
         folder = site_shard_dir(checkpoint_path)
         if not folder.is_dir():

@@ -34,12 +34,19 @@ from torch.optim import Optimizer
 
 from lightning_fedseg._validation import check_int
 from lightning_fedseg.federation.aggregate import IntegerPolicy
+from lightning_fedseg.federation.client_steps import ClientStep
 from lightning_fedseg.federation.comm import SiteComm
 from lightning_fedseg.federation.engine import RoundEngine, RoundFailedError, RoundIterable, _Round
 from lightning_fedseg.federation.faults import FaultInjector
 from lightning_fedseg.federation.modes import CDS, CollaborationMode, FedAvg
 from lightning_fedseg.federation.placement import assign_sites
-from lightning_fedseg.federation.semantics import check_trainer, patch_accumulation, unpatch_accumulation
+from lightning_fedseg.federation.semantics import (
+    check_algorithms,
+    check_trainer,
+    patch_accumulation,
+    unpatch_accumulation,
+)
+from lightning_fedseg.federation.server import FedAvgStep, ServerStep, parameter_keys
 from lightning_fedseg.federation.site_state import SiteStates
 
 __all__ = ["FederatedStrategy", "OptimizerStatePolicy", "RoundFailedError", "SiteDataModule"]
@@ -87,6 +94,17 @@ class _RoundHooks(Callback):
         if not trainer.sanity_checking and trainer.state.fn == TrainerFn.FITTING:
             self.strategy.engine.finish_round()
 
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        self.strategy.engine.before_optimizer_step(optimizer)
+
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self.strategy.engine.validate_site(dataloader_idx)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.strategy.engine.validate_site(None)
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         strategy = self.strategy
         if strategy.engine.round is not None:
@@ -104,6 +122,11 @@ class FederatedStrategy(DDPStrategy):
 
     Args:
         mode: the collaboration mode (see :mod:`lightning_fedseg.federation.modes`).
+        server: the server step that makes the global model from the round's sites (default: the
+            FedAvg mean; FedAvgM, FedAdam, FedYogi, FedAdagrad, CoordinateMedian, TrimmedMean, Krum);
+            see :mod:`.server` and :mod:`.robust`. Steps other than the mean need the ``fedavg`` mode.
+        client: client steps that change each site's local training (FedProx, SCAFFOLD, FedBN; one
+            or a list); see :mod:`.client_steps`. They need the ``fedavg`` mode.
         optimizer_state: ``"reset"`` (default, the paper's code) or ``"keep"``. Modes that do not
             start a new visit each round (single, iil) keep the state of the site they stay at
             under either policy.
@@ -129,6 +152,8 @@ class FederatedStrategy(DDPStrategy):
     def __init__(
         self,
         mode: CollaborationMode | None = None,
+        server: ServerStep | None = None,
+        client: ClientStep | Sequence[ClientStep] | None = None,
         optimizer_state: str = OptimizerStatePolicy.RESET,
         min_sites: int = 1,
         seed: int = 0,
@@ -146,6 +171,14 @@ class FederatedStrategy(DDPStrategy):
     ) -> None:
         if mode is not None and not isinstance(mode, CollaborationMode):
             raise TypeError(f"Expected `mode` to be a CollaborationMode, but got {type(mode).__name__}.")
+        if server is not None and not isinstance(server, ServerStep):
+            raise TypeError(f"Expected `server` to be a ServerStep, but got {type(server).__name__}.")
+        clients = (client,) if isinstance(client, ClientStep) else tuple(client or ())
+        for step in clients:
+            if not isinstance(step, ClientStep):
+                raise TypeError(f"Expected `client` to be ClientStep(s), but got {type(step).__name__}.")
+        if len({step.name for step in clients}) != len(clients):
+            raise ValueError(f"Expected distinct client steps, but got {list(clients)}.")
         if optimizer_state not in OptimizerStatePolicy.ALL:
             raise ValueError(
                 f"Expected `optimizer_state` to be one of {OptimizerStatePolicy.ALL}, but got {optimizer_state!r}."
@@ -165,6 +198,8 @@ class FederatedStrategy(DDPStrategy):
             precision_plugin=precision_plugin,
         )
         self.mode = mode if mode is not None else FedAvg()
+        self.server = server if server is not None else FedAvgStep()
+        self.clients = clients
         self.optimizer_state_policy = optimizer_state
         self.min_sites = min_sites
         self.seed = seed
@@ -264,6 +299,7 @@ class FederatedStrategy(DDPStrategy):
             callbacks.insert(0, _RoundHooks(self))
         if self.federated:
             check_trainer(trainer, self.mode)
+            check_algorithms(self.mode, self.server, self.clients, self.module)
             keep = self.optimizer_state_policy == OptimizerStatePolicy.KEEP or not self.mode.resets_each_round
             self.site_states = SiteStates(self.optimizers, self.lr_scheduler_configs, keep=keep)
             # `limit_train_batches` limits each site's local epoch, not the round.
@@ -307,6 +343,10 @@ class FederatedStrategy(DDPStrategy):
             raise ValueError("The DataModule reports no sites (`site_names` is empty).")
         self.mode.setup(sites)
         self._sites = sites
+        if self.federated:
+            self.server.setup(parameter_keys(self.module))
+            for step in self.clients:
+                step.setup(self.module, sites)
         if self.is_multiprocess and self.federated:
             # Place sites by a size every process knows without reading any site's data.
             sizer = getattr(datamodule, "site_num_subjects", None)
@@ -448,6 +488,9 @@ class FederatedStrategy(DDPStrategy):
             "mode_state": self.mode.state_dict(),
             "optimizer_state": self.optimizer_state_policy,
             "site_states": {} if self.is_multiprocess else self.site_states.state_dict(),
+            "client_states": {} if self.is_multiprocess else self.site_states.client,
+            "server": self.server.state_dict(),
+            "clients": {step.name: step.state_dict() for step in self.clients},
             "history": self.history,
             "completed_rounds": self.completed_rounds,
         }
@@ -466,11 +509,17 @@ class FederatedStrategy(DDPStrategy):
         self.mode.load_state_dict(state["mode_state"])
         local = set(self.local_sites)
         site_states = {s: v for s, v in state.get("site_states", {}).items() if s in local}
+        client_states = {s: dict(v) for s, v in state.get("client_states", {}).items() if s in local}
         if self._pending_path is not None:
             for site, shard in SiteStates.read_shards(self._pending_path, self.local_sites).items():
                 if shard["state"] is not None:
                     site_states[site] = shard["state"]
+                client_states[site] = dict(shard["client"])
         self.site_states.load_state_dict(site_states)
+        self.site_states.client = client_states
+        self.server.load_state_dict(state["server"])
+        for step in self.clients:
+            step.load_state_dict(state["clients"][step.name])
         self.history = list(state.get("history", []))
         self.completed_rounds = int(state["completed_rounds"])
 
@@ -497,7 +546,7 @@ class FederatedStrategy(DDPStrategy):
 
     @property
     def _has_site_states(self) -> bool:
-        return self.site_states.keep
+        return self.site_states.keep or bool(self.clients)
 
     def remove_checkpoint(self, filepath: Any) -> None:
         if self.is_multiprocess and self._has_site_states:

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_fedseg import CDS, CIIL, IIL, FedAvg, FederatedStrategy
+from lightning_fedseg.federation import SCAFFOLD, CoordinateMedian, FedAdam, FedBN, FedProx, Krum
 from tests.federation.toy import ToyClassifier, ToyDataModule
 
 MODES = {
@@ -25,6 +26,9 @@ MODES = {
     "iil": lambda: IIL(patience=1, monitor="val/{site}/acc"),
 }
 
+
+SERVERS = {"fedadam": lambda: FedAdam(server_lr=0.05), "median": CoordinateMedian, "krum": lambda: Krum(0, multi=2)}
+CLIENTS = {"fedprox": lambda: FedProx(mu=0.1), "scaffold": SCAFFOLD, "fedbn": FedBN}
 
 OBJECT_COLLECTIVES = ("all_gather_object", "broadcast_object_list", "gather_object", "scatter_object_list")
 
@@ -69,6 +73,8 @@ def main() -> None:
     parser.add_argument("--no-batchnorm", action="store_true")
     parser.add_argument("--no-shuffle", action="store_true")
     parser.add_argument("--forbid-object-collectives", action="store_true")
+    parser.add_argument("--server", choices=sorted(SERVERS), default=None)
+    parser.add_argument("--client", choices=sorted(CLIENTS), nargs="*", default=())
     args = parser.parse_args()
     if args.forbid_object_collectives:
         forbid_object_collectives()
@@ -83,7 +89,13 @@ def main() -> None:
     trainer = pl.Trainer(
         accelerator=args.accelerator,
         devices=args.world,
-        strategy=FederatedStrategy(MODES[args.mode](), timeout=args.timeout, optimizer_state=args.policy),
+        strategy=FederatedStrategy(
+            MODES[args.mode](),
+            server=SERVERS[args.server]() if args.server else None,
+            client=[CLIENTS[name]() for name in args.client],
+            timeout=args.timeout,
+            optimizer_state=args.policy,
+        ),
         max_epochs=args.rounds,
         logger=False,
         enable_progress_bar=False,

@@ -118,6 +118,26 @@ def test_only_tensors_cross_processes_and_site_states_stay_home(tmp_path, simula
         assert all(set(shard) == {"site", "state"} for shard in shards.values())
 
 
+@pytest.mark.parametrize(
+    "algorithms",
+    [("--server", "fedadam", "--client", "scaffold"), ("--server", "median", "--client", "fedbn", "fedprox")],
+    ids=["fedadam+scaffold", "median+fedbn+fedprox"],
+)
+def test_algorithms_on_two_processes_match_the_simulation(tmp_path, algorithms):
+    """Server and client steps on 3 sites over 2 processes (site states in per-process shards, the
+    robust rule's states all-gathered as tensors) equal the one-process simulation."""
+    common = (*algorithms, "--forbid-object-collectives")
+    proc = run("fedavg", 1, tmp_path / "sim.pt", *common)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run("fedavg", 2, tmp_path / "dist.pt", *common, "--ckpt-dir", str(tmp_path / "ckpt"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for key, value in load(tmp_path / "sim.pt")["state"].items():
+        torch.testing.assert_close(load(tmp_path / "dist.pt")["state"][key], value, rtol=1e-5, atol=1e-5)
+    shards = [torch.load(p, weights_only=True) for p in (tmp_path / "ckpt" / "last.ckpt.sites").glob("*.pt")]
+    assert sorted(s["site"] for s in shards) == ["a", "b", "c"]
+    assert all(set(s["client"]) == {algorithms[3]} | set(algorithms[4:]) - {"fedprox"} for s in shards)
+
+
 def test_cds_on_two_processes_is_plain_ddp(tmp_path):
     """Two processes of batch 4 (DDP over the pooled data) equal one process of batch 8."""
     common = ("--no-batchnorm", "--no-shuffle", "--rounds", "2")
