@@ -23,6 +23,7 @@ from lightning_fedseg.federation.modes import (
     mode_from_name,
 )
 from lightning_fedseg.federation.placement import assign_sites
+from lightning_fedseg.federation.privacy import DPFedAvg
 from lightning_fedseg.federation.registry import register_strategies
 from lightning_fedseg.federation.robust import CoordinateMedian, Krum, TrimmedMean
 from lightning_fedseg.federation.semantics import UnsupportedFeatureError
@@ -37,6 +38,7 @@ __all__ = [
     "ClientStep",
     "CollaborationMode",
     "CoordinateMedian",
+    "DPFedAvg",
     "FedAdagrad",
     "FedAdam",
     "FedAvg",

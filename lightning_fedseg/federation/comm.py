@@ -118,19 +118,25 @@ class SiteComm:
         reference: Mapping[str, Tensor],
         stats: CommStats,
         round_idx: int,
+        masked: bool = False,
     ) -> tuple[dict[str, Tensor], float, int]:
-        """Add up weighted sums, total weight and site count over all processes (one all-reduce).
+        """Add up weighted sums, total weight and site count over all processes (one all-reduce;
+        with ``masked``, of pairwise-masked fixed-point encodings, see :mod:`.masking`).
 
         A process whose sites all failed (or that trained none) contributes zeros.
         """
         if not self.active:
             return dict(sums), total, count
         zeros = {k: sums[k] if k in sums else torch.zeros(v.shape, dtype=torch.float64) for k, v in reference.items()}
-        flat = flatten_state(zeros, total, float(count)).to(self.device)
-        self._call(stats, round_idx, "weighted all-reduce", dist.all_reduce, flat, op=dist.ReduceOp.SUM)
-        nbytes = flat.numel() * flat.element_size()
-        stats.bytes_sent += nbytes
-        stats.bytes_received += nbytes
+        flat = flatten_state(zeros, total, float(count))
+        if masked:
+            flat = self._masked_sum(flat, count > 0, stats, round_idx)
+        else:
+            flat = flat.to(self.device)
+            self._call(stats, round_idx, "weighted all-reduce", dist.all_reduce, flat, op=dist.ReduceOp.SUM)
+            nbytes = flat.numel() * flat.element_size()
+            stats.bytes_sent += nbytes
+            stats.bytes_received += nbytes
         flat = flat.cpu()
         return unflatten_state(flat, reference, cast=False), float(flat[-2]), round(float(flat[-1]))
 
@@ -150,6 +156,37 @@ class SiteComm:
         stats.bytes_received += nbytes
         flat = flat.cpu()
         return unflatten_state(flat, state), bool(flat[-1] > 0.5)
+
+    def _masked_sum(self, flat: Tensor, participating: bool, stats: CommStats, round_idx: int) -> Tensor:
+        """The sum over processes of ``flat`` (float64), each process's vector pairwise-masked."""
+        from lightning_fedseg.federation.masking import RoundKeys, decode, encode, mask
+
+        flags = torch.zeros(self.world_size, dtype=torch.float64, device=self.device)
+        flags[self.rank] = 1.0 if participating else 0.0
+        self._call(stats, round_idx, "agreement on the masked set", dist.all_reduce, flags, op=dist.ReduceOp.SUM)
+        members = [r for r, flag in enumerate(flags.tolist()) if flag > 0]
+        keys = RoundKeys() if participating else None
+        public = torch.zeros(32, dtype=torch.uint8)
+        if keys is not None:
+            public = torch.frombuffer(bytearray(keys.public_bytes()), dtype=torch.uint8)
+        publics = [torch.zeros(32, dtype=torch.uint8, device=self.device) for _ in range(self.world_size)]
+        self._call(stats, round_idx, "key exchange", dist.all_gather, publics, public.to(self.device))
+        encoded = encode(flat)
+        if keys is not None:
+            pair_keys = {
+                peer: keys.shared_key(
+                    bytes(publics[peer].cpu().tolist()), round_idx, min(peer, self.rank), max(peer, self.rank)
+                )
+                for peer in members
+                if peer != self.rank
+            }
+            encoded = mask(encoded, self.rank, pair_keys, round_idx)
+        encoded = encoded.to(self.device)
+        self._call(stats, round_idx, "masked all-reduce", dist.all_reduce, encoded, op=dist.ReduceOp.SUM)
+        nbytes = encoded.numel() * encoded.element_size() + 32 * self.world_size + flags.numel() * 8
+        stats.bytes_sent += nbytes
+        stats.bytes_received += nbytes
+        return decode(encoded.cpu())
 
     def union(self, sites: Sequence[str], local: Iterable[str]) -> set[str]:
         """The sites (of ``sites``) named by ``local`` on any process: one all-reduce of 0/1 flags."""

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_fedseg.federation.aggregate import (
@@ -41,6 +41,7 @@ from lightning_fedseg.federation.aggregate import (
 from lightning_fedseg.federation.comm import CommStats
 from lightning_fedseg.federation.faults import FaultKind
 from lightning_fedseg.federation.modes import Aggregation, RoundPlan, derive_seed
+from lightning_fedseg.federation.privacy import DPFedAvg
 from lightning_fedseg.federation.semantics import site_batch_limit
 
 if TYPE_CHECKING:
@@ -341,8 +342,13 @@ class RoundEngine:
     # ------------------------------------------------------------------ server side
     def _collect(self, rnd: _Round, state: dict[str, Tensor], site: str) -> None:
         """File one site's result (raises :class:`NonFiniteStateError` for NaN/Inf weights)."""
+        server = self.strategy.server
         weight = self.strategy.site_weight(site) if rnd.plan.aggregation is Aggregation.MEAN else 1.0
-        if rnd.accumulator is not None:
+        if rnd.accumulator is not None and isinstance(server, DPFedAvg):
+            check_finite(state, site)  # DP: the clipped update, with weight 1 (a fixed denominator)
+            assert rnd.global_state is not None
+            rnd.accumulator.add(server.clip(state, rnd.global_state), 1.0, site)
+        elif rnd.accumulator is not None:
             rnd.accumulator.add(state, weight, site)
         elif rnd.plan.aggregation is Aggregation.MEAN:  # a server step that needs every site's state
             check_finite(state, site)
@@ -368,10 +374,15 @@ class RoundEngine:
                 module.load_state_dict(server.step_from_sites(rnd.global_state, states, weights, rnd.index))
         else:
             sums, total = rnd.accumulator.sums()
+            if isinstance(server, DPFedAvg):  # each process adds its share of the noise to its own sum
+                zeros = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in rnd.global_state.items()}
+                sums = server.noise_share({**zeros, **sums}, rnd.global_state, comm.world_size, comm.rank, rnd.index)
             sums, total, succeeded = comm.all_reduce_sums(
-                sums, total, len(rnd.succeeded), rnd.global_state, rnd.comm, rnd.index
+                sums, total, len(rnd.succeeded), rnd.global_state, rnd.comm, rnd.index, masked=strategy.masking
             )
-            if succeeded >= strategy.min_sites and total > 0:
+            if isinstance(server, DPFedAvg) and succeeded >= strategy.min_sites:
+                module.load_state_dict(server.step_from_sum(rnd.global_state, sums, rnd.index))
+            elif succeeded >= strategy.min_sites and total > 0:
                 mean = finalize_mean(sums, total, rnd.global_state, strategy.integer_policy)
                 module.load_state_dict(server.step(rnd.global_state, mean, rnd.index))
         for client in strategy.clients:
@@ -465,6 +476,10 @@ class RoundEngine:
         if decision.weights is not None:
             module.load_state_dict(decision.weights)
         trainer.should_stop = trainer.should_stop or decision.stop
+        server_metrics = strategy.server.metrics()
+        if isinstance(strategy.server, DPFedAvg) and strategy.server.would_exceed():
+            rank_zero_info(f"Round {rnd.index}: one more round would exceed the privacy budget; training stops.")
+            trainer.should_stop = True
         failed_here = {rnd.plan.tasks[i].site: msg for i, msg in rnd.failed.items()}
         failed = {s: failed_here.get(s, "failed on another process") for s in comm.union(strategy.sites, failed_here)}
         succeeded = sorted(comm.union(strategy.sites, rnd.succeeded))
@@ -478,11 +493,14 @@ class RoundEngine:
             "bytes_sent": rnd.comm.bytes_sent,
             "bytes_received": rnd.comm.bytes_received,
         }
+        record.update(server_metrics)
         strategy.history.append(record)
         strategy.completed_rounds += 1
         for key in ("train_seconds", "comm_seconds", "bytes_sent", "bytes_received"):
             module.log(f"federation/{key}", float(record[key]), on_epoch=True, sync_dist=False)
         module.log("federation/sites_succeeded", float(len(succeeded)), on_epoch=True)
+        for key, value in server_metrics.items():
+            module.log(key, float(value), on_epoch=True, sync_dist=False)
         self.round = None
 
     @property

@@ -76,7 +76,9 @@ def check_trainer(trainer: pl.Trainer, mode: CollaborationMode) -> None:
         )
 
 
-def check_algorithms(mode: CollaborationMode, server: Any, clients: Sequence[Any], module: Any) -> None:
+def check_algorithms(
+    mode: CollaborationMode, server: Any, clients: Sequence[Any], module: Any, masking: bool = False
+) -> None:
     """Refuse server and client steps where they have no sound meaning (one error lists them all)."""
     from lightning_fedseg.federation.modes import FedAvg
     from lightning_fedseg.federation.server import FedAvgStep
@@ -95,6 +97,21 @@ def check_algorithms(mode: CollaborationMode, server: Any, clients: Sequence[Any
                 problems.append(
                     f"{step!r} adds a term to the training loss, which manual optimization computes and"
                     " back-propagates itself. HINT: use automatic optimization."
+                )
+    if masking and getattr(server, "needs_site_states", False):
+        problems.append(
+            f"masking hides each process's sum, but {server!r} needs every site's own state."
+            " HINT: a robust rule or masked aggregation, not both."
+        )
+    if masking and not isinstance(mode, FedAvg):
+        problems.append(f"masking applies to the FedAvg all-reduce; the {mode.name} mode has none.")
+    from lightning_fedseg.federation.privacy import DPFedAvg
+
+    if isinstance(server, DPFedAvg):
+        for step in clients:
+            if step.reference_sum() is not None:
+                problems.append(
+                    f"{step!r} sends a per-site sum that DP-FedAvg does not privatize. HINT: drop one of the two."
                 )
     if problems:
         raise UnsupportedFeatureError("FederatedStrategy cannot combine:\n- " + "\n- ".join(problems))

@@ -115,6 +115,10 @@ class ServerStep(ABC):
             )
         return self.step(global_state, weighted_average(zip(site_states, weights, strict=True)), round_idx)
 
+    def metrics(self) -> dict[str, float]:
+        """Figures the engine logs each round (e.g. ``privacy/epsilon``)."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

@@ -127,6 +127,8 @@ class FederatedStrategy(DDPStrategy):
             see :mod:`.server` and :mod:`.robust`. Steps other than the mean need the ``fedavg`` mode.
         client: client steps that change each site's local training (FedProx, SCAFFOLD, FedBN; one
             or a list); see :mod:`.client_steps`. They need the ``fedavg`` mode.
+        masking: on several processes, pairwise-mask each process's weighted sum before the
+            all-reduce (:mod:`.masking`), so that no peer sees another process's sum in the clear.
         optimizer_state: ``"reset"`` (default, the paper's code) or ``"keep"``. Modes that do not
             start a new visit each round (single, iil) keep the state of the site they stay at
             under either policy.
@@ -154,6 +156,7 @@ class FederatedStrategy(DDPStrategy):
         mode: CollaborationMode | None = None,
         server: ServerStep | None = None,
         client: ClientStep | Sequence[ClientStep] | None = None,
+        masking: bool = False,
         optimizer_state: str = OptimizerStatePolicy.RESET,
         min_sites: int = 1,
         seed: int = 0,
@@ -200,6 +203,7 @@ class FederatedStrategy(DDPStrategy):
         self.mode = mode if mode is not None else FedAvg()
         self.server = server if server is not None else FedAvgStep()
         self.clients = clients
+        self.masking = bool(masking)
         self.optimizer_state_policy = optimizer_state
         self.min_sites = min_sites
         self.seed = seed
@@ -299,7 +303,7 @@ class FederatedStrategy(DDPStrategy):
             callbacks.insert(0, _RoundHooks(self))
         if self.federated:
             check_trainer(trainer, self.mode)
-            check_algorithms(self.mode, self.server, self.clients, self.module)
+            check_algorithms(self.mode, self.server, self.clients, self.module, self.masking)
             keep = self.optimizer_state_policy == OptimizerStatePolicy.KEEP or not self.mode.resets_each_round
             self.site_states = SiteStates(self.optimizers, self.lr_scheduler_configs, keep=keep)
             # `limit_train_batches` limits each site's local epoch, not the round.
@@ -345,6 +349,9 @@ class FederatedStrategy(DDPStrategy):
         self._sites = sites
         if self.federated:
             self.server.setup(parameter_keys(self.module))
+            setup_federation = getattr(self.server, "setup_federation", None)
+            if setup_federation is not None:
+                setup_federation(len(sites), float(getattr(self.mode, "fraction", 1.0)))
             for step in self.clients:
                 step.setup(self.module, sites)
         if self.is_multiprocess and self.federated:

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_fedseg import CDS, CIIL, IIL, FedAvg, FederatedStrategy
-from lightning_fedseg.federation import SCAFFOLD, CoordinateMedian, FedAdam, FedBN, FedProx, Krum
+from lightning_fedseg.federation import SCAFFOLD, CoordinateMedian, DPFedAvg, FedAdam, FedBN, FedProx, Krum
 from tests.federation.toy import ToyClassifier, ToyDataModule
 
 MODES = {
@@ -27,7 +27,12 @@ MODES = {
 }
 
 
-SERVERS = {"fedadam": lambda: FedAdam(server_lr=0.05), "median": CoordinateMedian, "krum": lambda: Krum(0, multi=2)}
+SERVERS = {
+    "fedadam": lambda: FedAdam(server_lr=0.05),
+    "median": CoordinateMedian,
+    "krum": lambda: Krum(0, multi=2),
+    "dp": lambda: DPFedAvg(clip_norm=1.0, noise_multiplier=0.5),
+}
 CLIENTS = {"fedprox": lambda: FedProx(mu=0.1), "scaffold": SCAFFOLD, "fedbn": FedBN}
 
 OBJECT_COLLECTIVES = ("all_gather_object", "broadcast_object_list", "gather_object", "scatter_object_list")
@@ -75,6 +80,7 @@ def main() -> None:
     parser.add_argument("--forbid-object-collectives", action="store_true")
     parser.add_argument("--server", choices=sorted(SERVERS), default=None)
     parser.add_argument("--client", choices=sorted(CLIENTS), nargs="*", default=())
+    parser.add_argument("--masking", action="store_true")
     args = parser.parse_args()
     if args.forbid_object_collectives:
         forbid_object_collectives()
@@ -93,6 +99,7 @@ def main() -> None:
             MODES[args.mode](),
             server=SERVERS[args.server]() if args.server else None,
             client=[CLIENTS[name]() for name in args.client],
+            masking=args.masking,
             timeout=args.timeout,
             optimizer_state=args.policy,
         ),

@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning_fedseg import CIIL, FedAvg, FederatedStrategy
 from lightning_fedseg.federation import UnsupportedFeatureError
 from lightning_fedseg.federation.client_steps import SCAFFOLD, FedBN, FedProx
+from lightning_fedseg.federation.privacy import DPFedAvg
 from lightning_fedseg.federation.robust import (
     CoordinateMedian,
     Krum,
@@ -230,8 +231,13 @@ def test_algorithms_without_a_federated_meaning_are_refused(tmp_path):
 
 @pytest.mark.parametrize(
     "make",
-    [lambda: {"server": FedAdam(server_lr=0.05)}, lambda: {"client": SCAFFOLD()}, lambda: {"client": FedBN()}],
-    ids=["FedAdam", "SCAFFOLD", "FedBN"],
+    [
+        lambda: {"server": FedAdam(server_lr=0.05)},
+        lambda: {"client": SCAFFOLD()},
+        lambda: {"client": FedBN()},
+        lambda: {"server": DPFedAvg(noise_multiplier=0.2, noise_seed=5, optimizer=FedAdam(server_lr=0.01))},
+    ],
+    ids=["FedAdam", "SCAFFOLD", "FedBN", "DPFedAvg+FedAdam"],
 )
 def test_stateful_steps_resume_exactly(tmp_path, make):
     _, full = federate(tmp_path / "full", rounds=4, **make())

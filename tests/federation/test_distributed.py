@@ -138,6 +138,26 @@ def test_algorithms_on_two_processes_match_the_simulation(tmp_path, algorithms):
     assert all(set(s["client"]) == {algorithms[3]} | set(algorithms[4:]) - {"fedprox"} for s in shards)
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_masked_aggregation_equals_the_simulation(tmp_path, simulated, world):
+    """Pairwise-masked fixed-point sums: the result equals the one-process simulation within the
+    quantization bound (far below 1e-5), with pickling collectives forbidden."""
+    proc = run("fedavg", world, tmp_path / "out.pt", "--masking", "--forbid-object-collectives")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for key, value in simulated("fedavg")["state"].items():
+        torch.testing.assert_close(load(tmp_path / "out.pt")["state"][key], value, rtol=1e-5, atol=1e-5)
+    assert all(h["bytes_sent"] > 0 for h in load(tmp_path / "out.pt")["history"])
+
+
+def test_dp_composes_with_masking_on_two_processes(tmp_path):
+    proc = run("fedavg", 2, tmp_path / "out.pt", "--masking", "--server", "dp", "--forbid-object-collectives")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = load(tmp_path / "out.pt")
+    epsilons = [h["privacy/epsilon"] for h in result["history"]]
+    assert len(epsilons) == 3 and epsilons == sorted(epsilons) and epsilons[0] > 0
+    assert all(torch.isfinite(v).all() for v in result["state"].values() if v.is_floating_point())
+
+
 def test_cds_on_two_processes_is_plain_ddp(tmp_path):
     """Two processes of batch 4 (DDP over the pooled data) equal one process of batch 8."""
     common = ("--no-batchnorm", "--no-shuffle", "--rounds", "2")
