@@ -399,13 +399,13 @@ class RoundTimer(Callback):
         self.cpu_seconds.append(time.process_time() - self._start[1])
 
 
-def dist_worker(preset: Preset, devices: int, out: Path) -> None:
-    """One FedAvg fit on ``devices`` processes (1: simulated); every rank writes its figures."""
+def dist_worker(preset: Preset, devices: int, out: Path, masking: bool = False) -> None:
+    """One FedAvg fit on ``devices`` processes (1: simulated), masked or not; every rank writes its figures."""
     quiet()
     set_threads(1)
     pl.seed_everything(0, verbose=False)
     timer = RoundTimer()
-    strategy = FederatedStrategy(FedAvg(local_epochs=1), seed=0, timeout=600.0)
+    strategy = FederatedStrategy(FedAvg(local_epochs=1), seed=0, timeout=600.0, masking=masking)
     kwargs = {**trainer_defaults("cpu"), "devices": devices}
     trainer = pl.Trainer(**kwargs, strategy=strategy, max_epochs=preset.rounds, callbacks=[timer])
     started = time.perf_counter()
@@ -426,8 +426,9 @@ def dist_worker(preset: Preset, devices: int, out: Path) -> None:
 def processes(preset: Preset, work: Path) -> list[dict[str, Any]]:
     """Launch :func:`dist_worker` for each process count; per-round figures after the warm-up."""
     rows = []
-    for devices in preset.processes:
-        out = work / f"dist{devices}.json"
+    runs = [(d, m) for d in preset.processes for m in ((False, True) if d > 1 else (False,))]
+    for devices, masking in runs:
+        out = work / f"dist{devices}{'-masked' if masking else ''}.json"
         command = [
             sys.executable,
             str(SCRIPT),
@@ -437,6 +438,7 @@ def processes(preset: Preset, work: Path) -> list[dict[str, Any]]:
             str(devices),
             "--preset",
             preset.name,
+            *(["--masking"] if masking else []),
         ]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         load_before = os.getloadavg()[0]
@@ -468,6 +470,7 @@ def processes(preset: Preset, work: Path) -> list[dict[str, Any]]:
         rows.append(
             {
                 "processes": devices,
+                "masked": masking,
                 "round_seconds": _summary(measured),
                 "all_round_seconds": zero["round_seconds"],
                 "launch_to_exit_seconds": wall,
@@ -477,7 +480,8 @@ def processes(preset: Preset, work: Path) -> list[dict[str, Any]]:
                 "ranks": per_rank,
             }
         )
-        print(f"  {devices} process(es): {statistics.median(measured):.2f} s per round", flush=True)
+        shown = " (masked)" if masking else ""
+        print(f"  {devices} process(es){shown}: {statistics.median(measured):.2f} s per round", flush=True)
     return rows
 
 
@@ -574,11 +578,12 @@ def tables(report: dict[str, Any]) -> str:
     if procs:
         base = procs[0]["round_seconds"]["median"]
         lines += [
-            "### FedAvg simulated in one process vs 2 and 3 processes on gloo (1 thread per process)",
+            "### FedAvg simulated in one process vs 2 and 3 processes on gloo (1 thread per process),"
+            " plain and with masked aggregation",
             "",
-            "| processes | s per round (median, min-max) | vs 1 process | load avg before/after "
+            "| processes | masked | s per round (median, min-max) | vs 1 process | load avg before/after "
             "| per rank: sites, train s, comm s, CPU s / wall s, MiB sent / received per round |",
-            "|---:|---|---:|---|---|",
+            "|---:|---|---|---:|---|---|",
         ]
         for p in procs:
             ranks = "; ".join(
@@ -588,7 +593,7 @@ def tables(report: dict[str, Any]) -> str:
                 for r in p["ranks"]
             )
             lines.append(
-                f"| {p['processes']} | {_fmt_range(p['round_seconds'], 2)} "
+                f"| {p['processes']} | {'yes' if p.get('masked') else 'no'} | {_fmt_range(p['round_seconds'], 2)} "
                 f"| {p['round_seconds']['median'] / base:.2f} "
                 f"| {p['load_average_before']:.1f} / {p['load_average_after']:.1f} | {ranks} |"
             )
@@ -643,6 +648,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--aggregation-worker", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--dist-worker", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--masking", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -662,7 +668,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         args.aggregation_worker.write_text(json.dumps(result))
         return None
     if args.dist_worker is not None:
-        dist_worker(preset, args.devices, args.dist_worker)
+        dist_worker(preset, args.devices, args.dist_worker, args.masking)
         return None
     quiet()
     set_threads(preset.threads)

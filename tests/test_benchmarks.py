@@ -140,8 +140,11 @@ def test_overhead_smoke(smoke: dict[str, tuple[int, str, Path]]) -> None:
     (loader,) = result["loader"]
     assert loader["loader_cached"] > 0 and loader["model_cpu"] > 0
 
-    one, two = result["processes"]
-    assert (one["processes"], two["processes"]) == (1, 2)
+    one, two, masked = result["processes"]
+    assert (one["processes"], two["processes"], masked["processes"]) == (1, 2, 2)
+    assert (two["masked"], masked["masked"]) == (False, True)
+    # the masked round sends the fixed-point sum (int64, as many values) plus keys and flags
+    assert masked["ranks"][0]["bytes_sent"] > two["ranks"][0]["bytes_sent"] > 0
     assert one["ranks"][0]["bytes_sent"] == 0  # simulated: nothing crosses a process boundary
     assert len(two["ranks"]) == 2 and all(r["bytes_sent"] > 0 and r["comm_seconds"] > 0 for r in two["ranks"])
     assert sorted(s for r in two["ranks"] for s in r["sites"]) == sorted(one["ranks"][0]["sites"])
