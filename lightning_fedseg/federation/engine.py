@@ -22,10 +22,8 @@ sites' results become the global weights) act in :meth:`RoundEngine._collect` an
 from __future__ import annotations
 
 import time
-from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -38,114 +36,16 @@ from lightning_fedseg.federation.aggregate import (
     finalize_mean,
     state_to_cpu,
 )
-from lightning_fedseg.federation.comm import CommStats
+from lightning_fedseg.federation.client_runner import ClientRunner
 from lightning_fedseg.federation.faults import FaultKind
-from lightning_fedseg.federation.modes import Aggregation, RoundPlan, derive_seed
+from lightning_fedseg.federation.modes import Aggregation, derive_seed
 from lightning_fedseg.federation.privacy import DPFedAvg
-from lightning_fedseg.federation.semantics import site_batch_limit
+from lightning_fedseg.federation.rounds import IDLE, Round, RoundFailedError
 
 if TYPE_CHECKING:
     from lightning_fedseg.federation.strategy import FederatedStrategy
 
-__all__ = ["IDLE", "BatchRecord", "RoundEngine", "RoundFailedError", "RoundIterable"]
-
-T = TypeVar("T")
-
-
-class RoundFailedError(RuntimeError):
-    """Too few sites finished a round; the run stops and the last checkpoint stays as it was."""
-
-
-class _IdleBatch:
-    """Yielded once by a process that trains no site this round, so that its epoch still validates."""
-
-    def __repr__(self) -> str:
-        return "<idle federated rank>"
-
-
-IDLE = _IdleBatch()
-
-
-@dataclass(frozen=True)
-class BatchRecord:
-    """Where a yielded batch belongs: its task (-1: idle), its index in the site's local epoch, and
-    whether it is that local epoch's last batch."""
-
-    task: int
-    index: int
-    last: bool
-
-
-@dataclass
-class _Round:
-    index: int
-    plan: RoundPlan
-    local_tasks: tuple[int, ...]
-    global_state: dict[str, Tensor] | None = None
-    records: deque[BatchRecord] = field(default_factory=deque)
-    current: BatchRecord | None = None
-    active: int | None = None
-    start_state: dict[str, Tensor] | None = None
-    accumulator: WeightedMean | None = None
-    site_results: list[tuple[dict[str, Tensor], float, str]] = field(default_factory=list)
-    client_sums: dict[str, dict[str, Tensor]] = field(default_factory=dict)
-    succeeded: list[str] = field(default_factory=list)
-    failed: dict[int, str] = field(default_factory=dict)
-    synced_tasks: int = 0
-    finished: bool = False
-    train_seconds: float = 0.0
-    comm: CommStats = field(default_factory=CommStats)
-    task_started_at: float = 0.0
-
-
-def with_last(items: Iterable[T], limit: int | None = None) -> Iterator[tuple[T, bool]]:
-    """Yield ``(item, is_last)`` for at most ``limit`` items, looking one item ahead.
-
-    Example:
-        >>> list(with_last("abc")), list(with_last("abc", limit=2))
-        ([('a', False), ('b', False), ('c', True)], [('a', False), ('b', True)])
-    """
-    if limit is not None and limit <= 0:
-        return
-    iterator = iter(items)
-    try:
-        item = next(iterator)
-    except StopIteration:
-        return
-    count = 1
-    for upcoming in iterator:
-        if limit is not None and count >= limit:
-            break
-        yield item, False
-        item, count = upcoming, count + 1
-    yield item, True
-
-
-class RoundIterable:
-    """The training 'dataloader' of a federated fit: one pass is one round's local site tasks."""
-
-    def __init__(self, engine: RoundEngine) -> None:
-        self.engine = engine
-
-    def __iter__(self) -> Iterator[Any]:
-        engine = self.engine
-        rnd = engine.start_round()
-        yielded = False
-        for task_idx in rnd.local_tasks:
-            task = rnd.plan.tasks[task_idx]
-            loader = engine.site_loader(task.site)
-            limit = site_batch_limit(engine.batch_limit, loader, task.site)
-            for epoch in range(task.epochs):
-                engine.seed_loader(loader, rnd.index, task_idx, epoch)
-                for index, (batch, last) in enumerate(with_last(loader, limit)):
-                    if task_idx in rnd.failed:
-                        break
-                    rnd.records.append(BatchRecord(task_idx, index, last))
-                    yielded = True
-                    yield batch
-        if not yielded:
-            rnd.records.append(BatchRecord(-1, 0, True))
-            yield IDLE
+__all__ = ["RoundEngine"]
 
 
 class RoundEngine:
@@ -153,11 +53,10 @@ class RoundEngine:
 
     def __init__(self, strategy: FederatedStrategy) -> None:
         self.strategy = strategy
-        self.round: _Round | None = None
+        self.round: Round | None = None
         self.batch_limit: int | float = 1.0
         self._loaders: dict[str, Any] = {}
-        self._val_backup: dict[str, Tensor] | None = None
-        self._val_site: str | None = None
+        self.clients = ClientRunner(strategy)
 
     # ------------------------------------------------------------------ data
     def site_loader(self, site: str) -> Any:
@@ -185,7 +84,7 @@ class RoundEngine:
         return self.strategy.site_index(self.round.plan.tasks[task_idx].site)
 
     # ------------------------------------------------------------------ batches
-    def start_round(self) -> _Round:
+    def start_round(self) -> Round:
         strategy = self.strategy
         strategy.ensure_ready()
         # Not `trainer.current_epoch`: while a resumed fit sets up its dataloader, Lightning still
@@ -194,7 +93,7 @@ class RoundEngine:
         plan = strategy.mode.plan(index)
         rank = strategy.federation_rank
         local = tuple(i for i, task in enumerate(plan.tasks) if strategy.placement.get(task.site, 0) == rank)
-        rnd = _Round(index=index, plan=plan, local_tasks=local)
+        rnd = Round(index=index, plan=plan, local_tasks=local)
         if plan.aggregation is Aggregation.MEAN:
             rnd.global_state = state_to_cpu(strategy.module.state_dict())
             if not strategy.server.needs_site_states:
@@ -240,34 +139,18 @@ class RoundEngine:
             faults = self.strategy.faults
             if faults.kind is FaultKind.RAISE and faults.due(site, rnd.index, self._site_index(rnd.active)):
                 raise RuntimeError(f"injected fault at site {site!r} in round {rnd.index}")
-            return self._with_loss_terms(step())
+            return self.clients.with_loss_terms(step())
         except Exception as err:  # a site's failure must not stop the federation
             rnd.failed[rnd.active] = f"{type(err).__name__}: {err}"
             rank_zero_warn(f"Round {rnd.index}: site {site!r} failed and is dropped from the round ({err}).")
             return self._no_op_loss()
-
-    def _with_loss_terms(self, output: Any) -> Any:
-        """Add the client steps' loss terms (FedProx) to the training step's loss."""
-        terms = [t for t in (c.loss_term(self.strategy.module) for c in self.strategy.clients) if t is not None]
-        if not terms:
-            return output
-        extra = torch.stack([t.reshape(()) for t in terms]).sum()
-        if isinstance(output, Tensor):
-            return output + extra
-        if isinstance(output, Mapping) and "loss" in output:
-            return {**output, "loss": output["loss"] + extra}
-        raise TypeError(
-            "A client step adds a term to the loss, but `training_step` returned neither a tensor nor a dict"
-            f" with 'loss' ({type(output).__name__})."
-        )
 
     def before_optimizer_step(self, optimizer: Any) -> None:
         """After backward and unscaling, before clipping: the client steps' gradient corrections."""
         rnd = self.round
         if rnd is None or rnd.active is None or rnd.active in rnd.failed:
             return
-        for client in self.strategy.clients:
-            client.before_optimizer_step(self.strategy.module, optimizer)
+        self.clients.before_optimizer_step(optimizer)
 
     def _no_op_loss(self) -> Tensor:
         """A loss connected to no parameter. (Lightning refuses `None` when several processes run.)"""
@@ -283,12 +166,10 @@ class RoundEngine:
             assert rnd.global_state is not None
             module.load_state_dict(rnd.global_state)
         else:
-            strategy.sync_chain(rnd, task_idx)
+            self.sync_chain(rnd, task_idx)
             rnd.start_state = state_to_cpu(module.state_dict())
         strategy.site_states.enter(task.site)
-        for client in strategy.clients:
-            state = strategy.site_states.client_state(task.site, client.name)
-            client.begin_site(task.site, module, rnd.global_state or {}, state)
+        self.clients.begin_site(rnd, task.site)
         torch.manual_seed(derive_seed(strategy.seed, rnd.index, self._site_index(task_idx), 0, 2))
         rnd.active = task_idx
         strategy.call_site_hook("on_site_start", task.site, rnd.index)
@@ -316,7 +197,7 @@ class RoundEngine:
                 rnd.failed[task_idx] = str(err)
                 rank_zero_warn(f"Round {rnd.index}: {err} The site is dropped from the round.")
             else:
-                self._end_clients(rnd, site)
+                self.clients.end_site(rnd, site)
         if task_idx in rnd.failed:
             strategy.site_states.forget(site)
             if rnd.start_state is not None and rnd.plan.aggregation is Aggregation.CHAIN:
@@ -324,23 +205,33 @@ class RoundEngine:
         else:
             rnd.succeeded.append(site)
         if rnd.plan.aggregation is Aggregation.CHAIN:
-            strategy.sync_chain(rnd, task_idx + 1)
+            self.sync_chain(rnd, task_idx + 1)
 
-    def _end_clients(self, rnd: _Round, site: str) -> None:
-        """Keep each client step's site state; add its contribution to the round's sum."""
+    def sync_chain(self, rnd: Round, upto: int) -> None:
+        """Hand the results of tasks ``rnd.synced_tasks .. upto-1`` over from their sites' processes."""
         strategy = self.strategy
-        for client in strategy.clients:
-            state, contribution = client.end_site(site, strategy.module)
-            if state is not None:
-                strategy.site_states.set_client_state(site, client.name, state)
-            if contribution is not None:
-                total = rnd.client_sums.get(client.name)
-                rnd.client_sums[client.name] = (
-                    contribution if total is None else {k: v + contribution[k] for k, v in total.items()}
-                )
+        comm = strategy.comm
+        while rnd.synced_tasks < upto:
+            task_idx = rnd.synced_tasks
+            rnd.synced_tasks += 1
+            if not comm.active:
+                continue
+            site = rnd.plan.tasks[task_idx].site
+            received, ok = comm.broadcast_state(
+                strategy.module.state_dict(),
+                ok=task_idx not in rnd.failed,
+                src=strategy.placement[site],
+                stats=rnd.comm,
+                round_idx=rnd.index,
+                what=f"hand-over of the weights after site {site!r}",
+            )
+            if received is not None:
+                strategy.module.load_state_dict(received)
+                if ok:
+                    rnd.succeeded.append(site)
 
     # ------------------------------------------------------------------ server side
-    def _collect(self, rnd: _Round, state: dict[str, Tensor], site: str) -> None:
+    def _collect(self, rnd: Round, state: dict[str, Tensor], site: str) -> None:
         """File one site's result (raises :class:`NonFiniteStateError` for NaN/Inf weights)."""
         server = self.strategy.server
         weight = self.strategy.site_weight(site) if rnd.plan.aggregation is Aggregation.MEAN else 1.0
@@ -356,12 +247,12 @@ class RoundEngine:
         else:
             check_finite(state, site)
 
-    def _combine(self, rnd: _Round) -> int:
+    def _combine(self, rnd: Round) -> int:
         """Make the round's global model; returns how many sites contributed (over all processes)."""
         strategy = self.strategy
         module = strategy.module
         if rnd.plan.aggregation is not Aggregation.MEAN:
-            strategy.sync_chain(rnd, len(rnd.plan.tasks))
+            self.sync_chain(rnd, len(rnd.plan.tasks))
             return len(rnd.succeeded)
         assert rnd.global_state is not None
         comm, server = strategy.comm, strategy.server
@@ -385,66 +276,8 @@ class RoundEngine:
             elif succeeded >= strategy.min_sites and total > 0:
                 mean = finalize_mean(sums, total, rnd.global_state, strategy.integer_policy)
                 module.load_state_dict(server.step(rnd.global_state, mean, rnd.index))
-        for client in strategy.clients:
-            reference = client.reference_sum()
-            if reference is None:
-                continue
-            summed, _, _ = comm.all_reduce_sums(
-                rnd.client_sums.get(client.name, reference), 0.0, 0, reference, rnd.comm, rnd.index
-            )
-            client.end_round(summed, succeeded)
-        self._keep_test_layers(rnd)
+        self.clients.end_round(rnd, succeeded)
         return succeeded
-
-    def _keep_test_layers(self, rnd: _Round) -> None:
-        """FedBN with a named site: the global model carries that site's own normalization layers."""
-        strategy = self.strategy
-        for client in strategy.clients:
-            site = getattr(client, "test_layers", "aggregate")
-            if site == "aggregate":
-                continue
-            keys = client.local_keys()
-            current = {k: v for k, v in strategy.module.state_dict().items() if k in keys}
-            own = strategy.site_states.client_state(site, client.name)
-            comm = strategy.comm
-            if comm.active:
-                received, ok = comm.broadcast_state(
-                    own if own is not None else current,
-                    own is not None,
-                    strategy.placement[site],
-                    rnd.comm,
-                    rnd.index,
-                    f"normalization layers of site {site!r}",
-                )
-                own = (received if received is not None else own) if ok else None
-            if own is not None:
-                strategy.module.load_state_dict(own, strict=False)
-
-    def validate_site(self, dataloader_idx: int | None) -> None:
-        """FedBN: each site's validation loader runs with that site's own normalization layers;
-        ``None`` (validation ended) puts the global model's back."""
-        strategy = self.strategy
-        for client in strategy.clients:
-            keys = client.local_keys()
-            if not keys:
-                continue
-            module = strategy.module
-            if dataloader_idx is None:
-                if self._val_backup is not None:
-                    module.load_state_dict(self._val_backup, strict=False)
-                self._val_backup, self._val_site = None, None
-                return
-            sites = strategy.sites
-            site = sites[dataloader_idx] if dataloader_idx < len(sites) else None
-            own = strategy.site_states.client_state(site, client.name) if site is not None else None
-            if site == self._val_site:
-                return
-            if own is not None and self._val_backup is None:
-                self._val_backup = {k: v.detach().clone() for k, v in module.state_dict().items() if k in keys}
-            target = own if own is not None else self._val_backup
-            if target is not None:
-                module.load_state_dict(target, strict=False)
-            self._val_site = site
 
     def finish_round(self) -> None:
         """Close the round: the aggregate becomes the global model (idempotent)."""

@@ -14,32 +14,29 @@ as tensors; nothing is pickled between processes. ``cds`` on several processes i
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.strategies import DDPStrategy, Strategy
-from lightning.pytorch.trainer.states import RunningStage, TrainerFn
-from torch.optim import Optimizer
+from lightning.pytorch.strategies import Strategy
+from lightning.pytorch.trainer.states import TrainerFn
 
 from lightning_fedseg._validation import check_int
 from lightning_fedseg.federation.aggregate import IntegerPolicy
+from lightning_fedseg.federation.checkpointing import FederatedCheckpointing
 from lightning_fedseg.federation.client_steps import ClientStep
-from lightning_fedseg.federation.comm import SiteComm
-from lightning_fedseg.federation.engine import RoundEngine, RoundFailedError, RoundIterable, _Round
+from lightning_fedseg.federation.engine import RoundEngine
 from lightning_fedseg.federation.faults import FaultInjector
 from lightning_fedseg.federation.modes import CDS, CollaborationMode, FedAvg
 from lightning_fedseg.federation.placement import assign_sites
+from lightning_fedseg.federation.processes import FederatedProcesses
+from lightning_fedseg.federation.rounds import RoundFailedError, RoundIterable
 from lightning_fedseg.federation.semantics import (
     check_algorithms,
     check_trainer,
@@ -50,9 +47,6 @@ from lightning_fedseg.federation.server import FedAvgStep, ServerStep, parameter
 from lightning_fedseg.federation.site_state import SiteStates
 
 __all__ = ["FederatedStrategy", "OptimizerStatePolicy", "RoundFailedError", "SiteDataModule"]
-
-FEDERATION_KEY = "federation"
-_STATE_VERSION = 2
 
 
 @runtime_checkable
@@ -100,10 +94,10 @@ class _RoundHooks(Callback):
     def on_validation_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        self.strategy.engine.validate_site(dataloader_idx)
+        self.strategy.engine.clients.validate_site(dataloader_idx)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.strategy.engine.validate_site(None)
+        self.strategy.engine.clients.validate_site(None)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         strategy = self.strategy
@@ -113,7 +107,7 @@ class _RoundHooks(Callback):
             strategy.completed_rounds += 1
 
 
-class FederatedStrategy(DDPStrategy):
+class FederatedStrategy(FederatedCheckpointing, FederatedProcesses):
     """Run a collaboration mode (``cds``, ``fedavg``, ``iil``, ``ciil``, ``single``) inside ``fit``.
 
     With one process every site is simulated in turn; launched with several processes (``devices``,
@@ -224,72 +218,6 @@ class FederatedStrategy(DDPStrategy):
     def federated(self) -> bool:
         """Whether rounds run site by site (every mode but ``cds``, which is plain training)."""
         return not isinstance(self.mode, CDS)
-
-    # ------------------------------------------------------------------ processes and devices
-    @property
-    def is_multiprocess(self) -> bool:
-        """Whether sites are spread over several processes (otherwise they are simulated)."""
-        return self.num_nodes * self.num_processes > 1
-
-    @property
-    def is_distributed(self) -> bool:
-        return self.is_multiprocess
-
-    @property
-    def federation_rank(self) -> int:
-        return self.global_rank if self.is_multiprocess else 0
-
-    def _configure_launcher(self) -> None:
-        if self.is_multiprocess:
-            super()._configure_launcher()
-        else:
-            self._launcher = None
-
-    def setup_distributed(self) -> None:
-        self.set_world_ranks()
-        if not self.is_multiprocess:
-            return
-        self._check_address()
-        super().setup_distributed()
-
-    def _check_address(self) -> None:
-        import ipaddress
-        import socket
-
-        assert self.cluster_environment is not None
-        address = self.cluster_environment.main_address
-        try:
-            loopback = all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(address, None))
-        except (OSError, ValueError):
-            loopback = False
-        if not loopback and not self.allow_remote:
-            raise RuntimeError(
-                f"FederatedStrategy refuses to bind the non-loopback address {address!r}:"
-                " torch.distributed traffic is neither encrypted nor authenticated."
-                " HINT: run the sites over a private network, a VPN or an SSH tunnel, then set"
-                " `allow_remote=True` to acknowledge this."
-            )
-
-    @property
-    def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        # Only centralized training shards its pooled training data over ranks (plain DDP).
-        # Validation stays whole: per-volume metrics need whole volumes, and a federated rank
-        # evaluates exactly the sites it owns.
-        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
-        training = trainer is not None and trainer.state.stage == RunningStage.TRAINING
-        if not self.federated and training:
-            return super().distributed_sampler_kwargs
-        return {"num_replicas": 1, "rank": 0}
-
-    def configure_ddp(self) -> None:
-        # No gradient synchronization between sites: only CDS on several ranks is plain DDP.
-        if not self.federated and self.is_multiprocess:
-            super().configure_ddp()
-
-    def _setup_model(self, model: Any) -> Any:
-        if not self.federated and self.is_multiprocess:
-            return super()._setup_model(model)
-        return model
 
     def setup(self, trainer: pl.Trainer) -> None:
         if self.is_multiprocess:
@@ -434,139 +362,6 @@ class FederatedStrategy(DDPStrategy):
             hook = getattr(callback, name, None)
             if callable(hook):
                 hook(trainer, self.module, site, round_idx)
-
-    # ------------------------------------------------------------------ communication
-    @property
-    def comm(self) -> SiteComm:
-        """Collectives between this process and the others (a no-op in one process)."""
-        world = self.world_size if self.is_multiprocess else 1
-        backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else "gloo"
-        device = self.root_device if backend == "nccl" else torch.device("cpu")
-        return SiteComm(self.placement, self.federation_rank, world, self._timeout, device)
-
-    def sync_chain(self, rnd: _Round, upto: int) -> None:
-        """Hand the results of tasks ``rnd.synced_tasks .. upto-1`` over from their sites' processes."""
-        comm = self.comm
-        while rnd.synced_tasks < upto:
-            task_idx = rnd.synced_tasks
-            rnd.synced_tasks += 1
-            if not comm.active:
-                continue
-            site = rnd.plan.tasks[task_idx].site
-            received, ok = comm.broadcast_state(
-                self.module.state_dict(),
-                ok=task_idx not in rnd.failed,
-                src=self.placement[site],
-                stats=rnd.comm,
-                round_idx=rnd.index,
-                what=f"hand-over of the weights after site {site!r}",
-            )
-            if received is not None:
-                self.module.load_state_dict(received)
-                if ok:
-                    rnd.succeeded.append(site)
-
-    def broadcast(self, obj: Any, src: int = 0) -> Any:
-        """Lightning's broadcasts (checkpoint paths, flags) as JSON text in a byte tensor, never pickled."""
-        if not (self.is_multiprocess and dist.is_available() and dist.is_initialized()):
-            return obj
-        text = None
-        if self.global_rank == src:
-            kind = "path" if isinstance(obj, os.PathLike) else "tuple" if isinstance(obj, tuple) else "json"
-            try:
-                text = json.dumps({"kind": kind, "value": os.fspath(obj) if kind == "path" else obj})
-            except TypeError:
-                text = json.dumps({"kind": "error", "value": type(obj).__name__})
-        message = json.loads(self.comm.broadcast_text(text, src) or "null")
-        if message["kind"] == "error":
-            raise TypeError(
-                f"FederatedStrategy broadcasts only JSON-compatible values between processes (nothing is pickled);"
-                f" got a {message['value']}."
-            )
-        value = message["value"]
-        return Path(value) if message["kind"] == "path" else tuple(value) if message["kind"] == "tuple" else value
-
-    # ------------------------------------------------------------------ checkpoints
-    def federation_state_dict(self) -> dict[str, Any]:
-        """The mode's state, the history and the round count (each process's site states go beside)."""
-        return {
-            "version": _STATE_VERSION,
-            "mode": type(self.mode).__name__,
-            "mode_state": self.mode.state_dict(),
-            "optimizer_state": self.optimizer_state_policy,
-            "site_states": {} if self.is_multiprocess else self.site_states.state_dict(),
-            "client_states": {} if self.is_multiprocess else self.site_states.client,
-            "server": self.server.state_dict(),
-            "clients": {step.name: step.state_dict() for step in self.clients},
-            "history": self.history,
-            "completed_rounds": self.completed_rounds,
-        }
-
-    def _load_federation_state(self, state: Mapping[str, Any]) -> None:
-        if state.get("mode") != type(self.mode).__name__:
-            raise ValueError(
-                f"The checkpoint was written by the {state.get('mode')} mode, but this run uses"
-                f" {type(self.mode).__name__}."
-            )
-        if state.get("version") != _STATE_VERSION:
-            raise ValueError(
-                f"The checkpoint's federation state has version {state.get('version')}; this lightning_fedseg"
-                f" reads version {_STATE_VERSION}. HINT: resume with the version that wrote it."
-            )
-        self.mode.load_state_dict(state["mode_state"])
-        local = set(self.local_sites)
-        site_states = {s: v for s, v in state.get("site_states", {}).items() if s in local}
-        client_states = {s: dict(v) for s, v in state.get("client_states", {}).items() if s in local}
-        if self._pending_path is not None:
-            for site, shard in SiteStates.read_shards(self._pending_path, self.local_sites).items():
-                if shard["state"] is not None:
-                    site_states[site] = shard["state"]
-                client_states[site] = dict(shard["client"])
-        self.site_states.load_state_dict(site_states)
-        self.site_states.client = client_states
-        self.server.load_state_dict(state["server"])
-        for step in self.clients:
-            step.load_state_dict(state["clients"][step.name])
-        self.history = list(state.get("history", []))
-        self.completed_rounds = int(state["completed_rounds"])
-
-    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
-        if not self.federated:
-            return super().optimizer_state(optimizer)
-        return self.site_states.optimizer_state(optimizer)
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        if self.engine.in_round:
-            rnd = self.engine.round
-            raise RuntimeError(
-                f"A checkpoint was requested inside round {rnd.index if rnd else '?'}, while the module holds one"
-                " site's local weights; resuming from it would take them for the global model. Federated"
-                " checkpoints are taken at round ends. HINT: `ModelCheckpoint(every_n_epochs=...)`; under SLURM,"
-                " `SLURMEnvironment(auto_requeue=False)` and resume from `last.ckpt`."
-            )
-        if self._ready:
-            checkpoint[FEDERATION_KEY] = self.federation_state_dict()
-            if self.is_multiprocess and self._has_site_states:
-                index = {s: self.site_index(s) for s in self.local_sites}
-                self.site_states.save_shards(filepath, self.local_sites, index)
-        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
-
-    @property
-    def _has_site_states(self) -> bool:
-        return self.site_states.keep or bool(self.clients)
-
-    def remove_checkpoint(self, filepath: Any) -> None:
-        if self.is_multiprocess and self._has_site_states:
-            SiteStates.remove_shards(filepath, self.local_sites, {s: self.site_index(s) for s in self.local_sites})
-        super().remove_checkpoint(filepath)
-
-    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        if FEDERATION_KEY in checkpoint:
-            self._pending_state = checkpoint[FEDERATION_KEY]
-            self._pending_path = os.fspath(checkpoint_path)
-            self._ready = False
-        return checkpoint
 
     # ------------------------------------------------------------------ display
     def expected_round_batches(self) -> int | None:

@@ -1,0 +1,123 @@
+"""The pieces of one round: its state, the batch records, and the round's training 'dataloader'.
+
+One Trainer epoch is one round. The :class:`RoundIterable` walks the round's local site tasks and
+records, for every batch it yields, which task and which local batch it is (:class:`BatchRecord`);
+the engine takes the records in the order Lightning uses the batches.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from torch import Tensor
+
+from lightning_fedseg.federation.aggregate import WeightedMean
+from lightning_fedseg.federation.comm import CommStats
+from lightning_fedseg.federation.modes import RoundPlan
+from lightning_fedseg.federation.semantics import site_batch_limit
+
+if TYPE_CHECKING:
+    from lightning_fedseg.federation.engine import RoundEngine
+
+__all__ = ["IDLE", "BatchRecord", "Round", "RoundFailedError", "RoundIterable", "with_last"]
+
+T = TypeVar("T")
+
+
+class RoundFailedError(RuntimeError):
+    """Too few sites finished a round; the run stops and the last checkpoint stays as it was."""
+
+
+class _IdleBatch:
+    """Yielded once by a process that trains no site this round, so that its epoch still validates."""
+
+    def __repr__(self) -> str:
+        return "<idle federated rank>"
+
+
+IDLE = _IdleBatch()
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    """Where a yielded batch belongs: its task (-1: idle), its index in the site's local epoch, and
+    whether it is that local epoch's last batch."""
+
+    task: int
+    index: int
+    last: bool
+
+
+@dataclass
+class Round:
+    index: int
+    plan: RoundPlan
+    local_tasks: tuple[int, ...]
+    global_state: dict[str, Tensor] | None = None
+    records: deque[BatchRecord] = field(default_factory=deque)
+    current: BatchRecord | None = None
+    active: int | None = None
+    start_state: dict[str, Tensor] | None = None
+    accumulator: WeightedMean | None = None
+    site_results: list[tuple[dict[str, Tensor], float, str]] = field(default_factory=list)
+    client_sums: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    succeeded: list[str] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)
+    synced_tasks: int = 0
+    finished: bool = False
+    train_seconds: float = 0.0
+    comm: CommStats = field(default_factory=CommStats)
+    task_started_at: float = 0.0
+
+
+def with_last(items: Iterable[T], limit: int | None = None) -> Iterator[tuple[T, bool]]:
+    """Yield ``(item, is_last)`` for at most ``limit`` items, looking one item ahead.
+
+    Example:
+        >>> list(with_last("abc")), list(with_last("abc", limit=2))
+        ([('a', False), ('b', False), ('c', True)], [('a', False), ('b', True)])
+    """
+    if limit is not None and limit <= 0:
+        return
+    iterator = iter(items)
+    try:
+        item = next(iterator)
+    except StopIteration:
+        return
+    count = 1
+    for upcoming in iterator:
+        if limit is not None and count >= limit:
+            break
+        yield item, False
+        item, count = upcoming, count + 1
+    yield item, True
+
+
+class RoundIterable:
+    """The training 'dataloader' of a federated fit: one pass is one round's local site tasks."""
+
+    def __init__(self, engine: RoundEngine) -> None:
+        self.engine = engine
+
+    def __iter__(self) -> Iterator[Any]:
+        engine = self.engine
+        rnd = engine.start_round()
+        yielded = False
+        for task_idx in rnd.local_tasks:
+            task = rnd.plan.tasks[task_idx]
+            loader = engine.site_loader(task.site)
+            limit = site_batch_limit(engine.batch_limit, loader, task.site)
+            for epoch in range(task.epochs):
+                engine.seed_loader(loader, rnd.index, task_idx, epoch)
+                for index, (batch, last) in enumerate(with_last(loader, limit)):
+                    if task_idx in rnd.failed:
+                        break
+                    rnd.records.append(BatchRecord(task_idx, index, last))
+                    yielded = True
+                    yield batch
+        if not yielded:
+            rnd.records.append(BatchRecord(-1, 0, True))
+            yield IDLE
