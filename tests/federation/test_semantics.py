@@ -305,3 +305,20 @@ def test_keep_checkpoint_holds_each_sites_moments(tmp_path):
     states = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["federation"]["site_states"]
     steps = {site: int(next(iter(s["optimizers"][0].values()))["step"]) for site, s in states.items()}
     assert steps == {"a": 6, "b": 6, "c": 4}
+
+
+@pytest.mark.parametrize("make_mode", [FedAvg, SingleSite], ids=["fedavg", "single"])
+def test_early_stopping_and_sanity_check_as_in_plain_lightning(tmp_path, make_mode):
+    """EarlyStopping on a round's metric stops at the same round; the sanity check is not a round."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    def stopper():
+        return EarlyStopping(monitor="val/a/acc", mode="max", patience=1, min_delta=0.5)
+
+    common = dict(max_epochs=10, num_sanity_val_steps=2)
+    plain_trainer, plain = train(tmp_path / "plain", None, ONE_SITE, callbacks=[stopper()], **common)
+    strategy = FederatedStrategy(make_mode(), optimizer_state="keep")
+    fed_trainer, fed = train(tmp_path / "fed", strategy, ONE_SITE, callbacks=[stopper()], **common)
+    assert plain_trainer.current_epoch < 10 and fed_trainer.current_epoch == plain_trainer.current_epoch
+    assert strategy.completed_rounds == fed_trainer.current_epoch
+    assert states_equal(fed.state_dict(), plain.state_dict())
