@@ -88,6 +88,7 @@ def _synth(argv: Sequence[str]) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--naming", choices=("brats", "fets"), default="brats")
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--num_workers", type=int, default=1, help="processes generating subjects in parallel")
     args = parser.parse_args(list(argv))
     kwargs: dict[str, Any] = {
         "num_sites": args.num_sites,
@@ -95,6 +96,7 @@ def _synth(argv: Sequence[str]) -> int:
         "seed": args.seed,
         "naming": args.naming,
         "overwrite": args.overwrite,
+        "num_workers": args.num_workers,
     }
     if args.num_subjects is not None:
         kwargs["num_subjects"] = args.num_subjects
