@@ -106,7 +106,7 @@ def _synth(argv: Sequence[str]) -> int:
 
 
 def _data(argv: Sequence[str]) -> int:
-    from lightning_fedseg.data.cases import check_dataset
+    from lightning_fedseg.data.validation import check_dataset
 
     parser = argparse.ArgumentParser(prog="lightning-fedseg data", description=EXTRA_SUBCOMMANDS["data"])
     sub = parser.add_subparsers(dest="command", required=True)

@@ -16,13 +16,8 @@ from lightning_fedseg.data.cases import (
     Case,
     CaseNaming,
     CaseReference,
-    CheckReport,
     LoadedCase,
-    Problem,
-    check_dataset,
     discover_cases,
-    load_case,
-    validate_cases,
 )
 from lightning_fedseg.data.conventions import (
     MODALITIES,
@@ -34,7 +29,15 @@ from lightning_fedseg.data.conventions import (
     labels_to_regions,
     regions_to_labels,
 )
-from lightning_fedseg.data.datamodule import FederatedDataModule, PartitionMode, SliceDataset
+from lightning_fedseg.data.datamodule import DEFAULT_MAX_OPEN_CASES, FederatedDataModule, PartitionMode, SliceDataset
+from lightning_fedseg.data.orientation import (
+    CANONICAL,
+    axis_codes,
+    from_canonical,
+    is_axial,
+    to_canonical,
+    voxel_spacing,
+)
 from lightning_fedseg.data.partition import (
     PAPER_HELDOUT_FRACTION,
     PAPER_SIMULATED_HELDOUT,
@@ -83,12 +86,22 @@ from lightning_fedseg.data.synthetic import (
     voxel_affine,
     write_synthetic_dataset,
 )
+from lightning_fedseg.data.validation import (
+    BadCaseError,
+    CheckReport,
+    Problem,
+    check_dataset,
+    load_case,
+    validate_cases,
+)
 
 __all__ = [
     "BRATS_CROP_SIZE",
     "BRATS_WIDTH",
     "CACHE_ENV",
     "CACHE_VERSION",
+    "CANONICAL",
+    "DEFAULT_MAX_OPEN_CASES",
     "DEFAULT_NUM_SUBJECTS",
     "DEFAULT_SHAPE",
     "FIELD_OF_VIEW_MM",
@@ -101,6 +114,7 @@ __all__ = [
     "PAPER_SITE_SIZES",
     "REGIONS",
     "TISSUE_CLASSES",
+    "BadCaseError",
     "CachedCase",
     "Case",
     "CaseNaming",
@@ -124,6 +138,7 @@ __all__ = [
     "Target",
     "VolumeCache",
     "apportion",
+    "axis_codes",
     "brain_mask",
     "centre_crop",
     "centre_crop_slices",
@@ -133,8 +148,10 @@ __all__ = [
     "dirichlet_split",
     "discover_cases",
     "ensure_synthetic_dataset",
+    "from_canonical",
     "generate_subject",
     "grid_axes",
+    "is_axial",
     "labels_to_regions",
     "load_case",
     "make_site_profiles",
@@ -150,8 +167,10 @@ __all__ = [
     "select_slices",
     "simulated_split",
     "split_train_val",
+    "to_canonical",
     "validate_cases",
     "voxel_affine",
+    "voxel_spacing",
     "write_synthetic_dataset",
     "zscore_brain",
 ]

@@ -11,8 +11,12 @@ dicts ``image`` ``[B, C, H, W]`` float32, ``target`` ``[B, K, H, W]`` float32 in
 ``case_id`` list of str, ``slice_index`` and ``num_slices`` int64 ``[B]``. Validation, test and
 predict loaders yield every slice of each case, case by case, z ascending.
 
-``setup`` only splits subjects (from file names); a case is preprocessed into the cache the
-first time one of its loaders or counts is asked for. With ``sites=[...]`` or
+``setup`` only splits subjects (from file names); a case is validated and preprocessed into the
+cache the first time one of its loaders or counts is asked for (for ``fit``, before the first
+training step: Lightning asks for every loader of the round up front). A case that fails
+validation stops the run with every problem of every bad case of that request named, unless
+``skip_bad_cases`` leaves them out with a warning. The pooled ``train_dataloader`` is lazy: the
+federated modes replace it with their own site loaders, so only ``cds`` ever materializes it. With ``sites=[...]`` or
 :meth:`FederatedDataModule.restrict_sites` a process materializes only those sites (one rank
 per site under torch.distributed): other sites' volumes are never read, so ``site_num_samples``
 and the site loaders are available for the process's own sites only (``site_num_subjects``
@@ -23,7 +27,9 @@ for any site), and ``val_dataloader`` / ``val_loader_names`` / ``train_dataloade
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from enum import StrEnum
 from pathlib import Path
@@ -34,7 +40,7 @@ import numpy.typing as npt
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from lightning_fedseg._validation import check_int
 from lightning_fedseg.data.cache import CachedCase, VolumeCache
@@ -58,12 +64,16 @@ from lightning_fedseg.data.partition import (
 )
 from lightning_fedseg.data.preprocess import SlicePolicy
 from lightning_fedseg.data.synthetic import DEFAULT_SHAPE, PARTITION_NAME, ensure_synthetic_dataset
+from lightning_fedseg.data.validation import BadCaseError, CheckReport
 
-__all__ = ["FederatedDataModule", "PartitionMode", "SliceDataset"]
+__all__ = ["DEFAULT_MAX_OPEN_CASES", "FederatedDataModule", "PartitionMode", "SliceDataset"]
 
 log = logging.getLogger(__name__)
 
 Batch = dict[str, Any]
+
+DEFAULT_MAX_OPEN_CASES = 32
+"""Cases whose memory maps a :class:`SliceDataset` keeps open at once (two descriptors each)."""
 
 
 class PartitionMode(StrEnum):
@@ -85,7 +95,9 @@ class PartitionMode(StrEnum):
 class SliceDataset(Dataset[Batch]):
     """Axial slices of cached volumes, case by case in the given order, z as given.
 
-    Memory maps are opened lazily in the process that reads them (never pickled to workers).
+    Memory maps are opened lazily in the process that reads them (never pickled to workers) and
+    kept in a small least-recently-used set of ``max_open_cases`` cases, so the open file
+    descriptors (one per memory map) stay bounded whatever the number of cases.
 
     Args:
         cases: the cached cases.
@@ -93,6 +105,7 @@ class SliceDataset(Dataset[Batch]):
         target: whole tumour (1 channel) or the three regions.
         convention: which label marks enhancing tumour.
         with_target: whether samples carry a ``target`` (every case then needs labels).
+        max_open_cases: cases whose memory maps stay open at once.
     """
 
     def __init__(
@@ -102,7 +115,9 @@ class SliceDataset(Dataset[Batch]):
         target: Target | str = Target.WT,
         convention: LabelConvention | str = LabelConvention.BRATS,
         with_target: bool = True,
+        max_open_cases: int = DEFAULT_MAX_OPEN_CASES,
     ) -> None:
+        check_int("max_open_cases", max_open_cases)
         if len(cases) != len(slices):
             raise ValueError(f"Expected one slice list per case, got {len(slices)} for {len(cases)}.")
         unlabeled = [c.case_id for c in cases if not c.has_labels]
@@ -118,7 +133,8 @@ class SliceDataset(Dataset[Batch]):
         self._counts = counts
         # Region masks of every possible uint8 label, so a slice's target is one table lookup.
         self._regions = labels_to_regions(np.arange(256), self.target, self.convention)
-        self._open: dict[int, tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8] | None]] = {}
+        self.max_open_cases = max_open_cases
+        self._open: OrderedDict[int, tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8] | None]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self.z_index)
@@ -129,10 +145,16 @@ class SliceDataset(Dataset[Batch]):
         return {c.case_id: n for c, n in zip(self.cases, self._counts, strict=True)}
 
     def _arrays(self, i: int) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8] | None]:
-        if i not in self._open:
-            case = self.cases[i]
-            self._open[i] = (case.image(), case.labels() if self.with_target else None)
-        return self._open[i]
+        arrays = self._open.get(i)
+        if arrays is not None:
+            self._open.move_to_end(i)
+            return arrays
+        while len(self._open) >= self.max_open_cases:
+            self._open.popitem(last=False)  # the last reference: the map and its descriptor close
+        case = self.cases[i]
+        arrays = (case.image(), case.labels() if self.with_target else None)
+        self._open[i] = arrays
+        return arrays
 
     def __getitem__(self, index: int) -> Batch:
         i, z = int(self.case_index[index]), int(self.z_index[index])
@@ -150,8 +172,46 @@ class SliceDataset(Dataset[Batch]):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_open"] = {}
+        state["_open"] = OrderedDict()
         return state
+
+
+class _LazySliceDataset(Dataset[Batch]):
+    """A :class:`SliceDataset` built on first use (length or item), so a loader costs nothing
+    until it is iterated."""
+
+    def __init__(self, build: Callable[[], SliceDataset]) -> None:
+        self._build = build
+        self._dataset: SliceDataset | None = None
+
+    @property
+    def dataset(self) -> SliceDataset:
+        """The dataset, built now if it was not yet."""
+        if self._dataset is None:
+            self._dataset = self._build()
+        return self._dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Batch:
+        return self.dataset[index]
+
+    def __getstate__(self) -> dict[str, Any]:  # workers get the built dataset, not the builder
+        return {"_build": None, "_dataset": self.dataset}
+
+
+class _DeferredRandomSampler(RandomSampler):
+    """``RandomSampler`` (the same draws) that does not ask its dataset's length when created."""
+
+    def __init__(self, data_source: _LazySliceDataset) -> None:  # skips the eager length check
+        self.data_source = data_source
+        self.replacement = False
+        self._num_samples = None
+        self.generator = None
+
+    def __iter__(self) -> Iterator[int]:
+        yield from super().__iter__()
 
 
 def _choice(enum: type[StrEnum], value: Any, name: str) -> Any:
@@ -195,6 +255,12 @@ class FederatedDataModule(LightningDataModule):
         predict_root: a folder of cases to predict (no segmentation needed); ``None`` predicts
             the held-out cases.
         sites: materialize only these sites in this process (one rank per site).
+        skip_bad_cases: leave out cases that fail validation, with a warning listing them,
+            instead of stopping with their report.
+        reorient: reorient every case to RAS before slicing (recorded in the cache key; the
+            prediction writer restores each file's own orientation). Without it a case whose
+            third voxel axis is not inferior-superior is refused.
+        max_open_cases: cases whose memory maps each dataset keeps open at once.
 
     Example:
         >>> dm = FederatedDataModule(data_root="/data/brats", partition="simulated", num_sites=4)
@@ -225,6 +291,9 @@ class FederatedDataModule(LightningDataModule):
         synthetic_seed: int = 0,
         predict_root: str | None = None,
         sites: list[str] | None = None,
+        skip_bad_cases: bool = False,
+        reorient: bool = False,
+        max_open_cases: int = DEFAULT_MAX_OPEN_CASES,
     ) -> None:
         mode: PartitionMode = _choice(PartitionMode, partition, "partition")
         target_: Target = _choice(Target, target, "target")
@@ -259,6 +328,7 @@ class FederatedDataModule(LightningDataModule):
             check_int("crop_size", crop_size)
         check_int("batch_size", batch_size)
         check_int("num_workers", num_workers, minimum=0)
+        check_int("max_open_cases", max_open_cases)
         if synthetic_subjects is not None:
             check_int("synthetic_subjects", synthetic_subjects)
         if len(synthetic_shape) != 3 or any(
@@ -289,7 +359,11 @@ class FederatedDataModule(LightningDataModule):
         self.synthetic_seed = synthetic_seed
         self.predict_root = predict_root
         self.sites = None if sites is None else list(sites)
-        self.cache = VolumeCache(cache_dir, self.modalities, crop_size)
+        self.skip_bad_cases = bool(skip_bad_cases)
+        self.reorient = bool(reorient)
+        self.max_open_cases = max_open_cases
+        self.cache = VolumeCache(cache_dir, self.modalities, crop_size, convention, self.reorient)
+        self.skipped_cases: dict[str, CheckReport] = {}
         self._root: Path | None = None
         self._cases: dict[str, Case] = {}
         self._partition: Partition | None = None
@@ -371,6 +445,8 @@ class FederatedDataModule(LightningDataModule):
                 return self._checked(partition)
             else:
                 mode = PartitionMode.PAPER
+        if mode is PartitionMode.PAPER:
+            self._warn_paper_split(root)
         if mode is PartitionMode.FETS:
             assert self.partition_csv is not None
             csv_path = Path(self.partition_csv).expanduser()
@@ -399,6 +475,14 @@ class FederatedDataModule(LightningDataModule):
                 self.val_fraction,
             )
         return self._checked(partition)
+
+    def _warn_paper_split(self, root: Path) -> None:
+        message = (
+            f"partition='paper' on {root}: subjects are split at random into 10 sites with the paper's relative "
+            "sizes (70, 27, 17, 12, 11, 9, 6, 6, 4, 3); this is not the paper's split by institution, which is "
+            "not published per subject. HINT: pass a FeTS partition CSV (`partition_csv`) to split by institution."
+        )
+        warnings.warn(message, UserWarning, stacklevel=3)
 
     @staticmethod
     def _fraction(value: int | float, total: int) -> float:
@@ -477,25 +561,56 @@ class FederatedDataModule(LightningDataModule):
         return self._predict_cases
 
     def _cache_cases(self, cases: Sequence[Case], group: str = "train") -> list[CachedCase]:
-        todo = [c for c in cases if (group, c.case_id) not in self._cached]
-        found = {c.case_id: self.cache.lookup(c) for c in todo}
+        """The cache entries of ``cases`` (validating and building the missing ones).
+
+        Raises:
+            BadCaseError: some cases fail validation and ``skip_bad_cases`` is off; the report
+                names every problem of every such case.
+        """
+        todo = [c for c in cases if (group, c.case_id) not in self._cached and c.case_id not in self.skipped_cases]
+        found: dict[str, CachedCase | BadCaseError | None] = {c.case_id: self.cache.lookup(c) for c in todo}
         missing = [c for c in todo if found[c.case_id] is None]
         if missing:
             rank_zero_info(
-                f"Preprocessing {len(missing)} case(s) into {self.cache.cache_dir} "
+                f"Checking and preprocessing {len(missing)} case(s) into {self.cache.cache_dir} "
                 "(NIfTI is decoded once; later epochs and runs read the cache)."
             )
             threads = min(len(missing), max(1, self.num_workers))
             with ThreadPoolExecutor(threads) as pool:
-                built = pool.map(self.cache.build, missing)
+                built = pool.map(self._build_or_report, missing)
                 found.update({c.case_id: e for c, e in zip(missing, built, strict=True)})
+        bad = [entry for entry in found.values() if isinstance(entry, BadCaseError)]
+        if bad:
+            report = CheckReport([p for err in bad for p in err.report.problems], len(bad), self.root)
+            if not self.skip_bad_cases:
+                raise BadCaseError(
+                    report,
+                    f"fix these files (`lightning-fedseg data check {self.root}` lists every bad case), "
+                    "or set `skip_bad_cases: true` to leave them out.",
+                )
+            for case_id in report.bad_case_ids:
+                self.skipped_cases[case_id] = CheckReport(
+                    [p for p in report.problems if p.case_id == case_id], 1, self.root
+                )
+            warnings.warn(
+                f"skip_bad_cases: leaving out {len(report.bad_case_ids)} case(s) that fail validation: "
+                f"{', '.join(report.bad_case_ids)}.\n{report.format()}",
+                UserWarning,
+                stacklevel=2,
+            )
         for case in todo:
             entry = found[case.case_id]
-            assert entry is not None
-            if entry.has_labels:
-                entry.check_labels(self.label_convention)
-            self._cached[(group, case.case_id)] = entry
-        return [self._cached[(group, c.case_id)] for c in cases]
+            if isinstance(entry, CachedCase):
+                if entry.has_labels:
+                    entry.check_labels(self.label_convention)
+                self._cached[(group, case.case_id)] = entry
+        return [self._cached[(group, c.case_id)] for c in cases if c.case_id not in self.skipped_cases]
+
+    def _build_or_report(self, case: Case) -> CachedCase | BadCaseError:
+        try:
+            return self.cache.build(case)
+        except BadCaseError as err:
+            return err
 
     # ------------------------------------------------------------------ datasets
     def _require_local(self, site: str) -> None:
@@ -513,7 +628,7 @@ class FederatedDataModule(LightningDataModule):
             slices = [c.slices(self.slice_policy, self.seed) for c in cached]
         else:
             slices = [np.arange(c.num_slices, dtype=np.int64) for c in cached]
-        return SliceDataset(cached, slices, self.target, self.label_convention, with_target)
+        return SliceDataset(cached, slices, self.target, self.label_convention, with_target, self.max_open_cases)
 
     def site_train_dataset(self, site: str) -> SliceDataset:
         """The training slices of ``site`` (per ``slice_policy``)."""
@@ -563,9 +678,21 @@ class FederatedDataModule(LightningDataModule):
         return int(sum(len(c.slices(self.slice_policy, self.seed)) for c in cached))
 
     def train_dataloader(self) -> DataLoader[Batch]:
-        """Shuffled training slices pooled over this process's sites (centralized training)."""
+        """Shuffled training slices pooled over this process's sites (centralized training).
+
+        Lazy: no case is read until the loader's length or first batch is asked for. Lightning
+        calls this in every mode, and the federated modes replace the loader with their sites'
+        own loaders, so ``single`` never preprocesses the other sites.
+        """
         cases = self._site_subjects(self.local_site_names, "train")
-        return self._loader(self._dataset(cases, "train", True), shuffle=True, persistent=True)
+        dataset = _LazySliceDataset(lambda: self._dataset(cases, "train", True))
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=_DeferredRandomSampler(dataset),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> list[DataLoader[Batch]]:
         """One ordered loader per site of :attr:`val_loader_names`.
@@ -615,6 +742,24 @@ class FederatedDataModule(LightningDataModule):
                 cached = self._cached.get((group, case_id))
                 return cached.reference() if cached else self.cache.reference(cases[case_id])
         raise KeyError(f"Unknown case {case_id!r}.")
+
+    def full_target(self, case_id: str) -> npt.NDArray[np.bool_]:
+        """Ground-truth region masks ``[K, X, Y, Z]`` of a loaded case on its full, uncropped grid.
+
+        Tumour outside the crop is included, so metrics on it equal an evaluation of the written
+        prediction files against the segmentation files.
+
+        Raises:
+            KeyError: the case has not been loaded by any loader of this data module.
+            ValueError: the case has no segmentation.
+        """
+        entry = next((e for (_, cid), e in self._cached.items() if cid == case_id), None)
+        if entry is None:
+            raise KeyError(f"Case {case_id!r} has not been loaded by this data module.")
+        labels = entry.full_labels()
+        if labels is None:
+            raise ValueError(f"Case {case_id!r} has no segmentation.")
+        return labels_to_regions(labels, self.target, self.label_convention)
 
     def describe(self) -> str:
         """A markdown table: subjects per site (train, val, held-out) and training slices.
