@@ -27,6 +27,8 @@ for any site), and ``val_dataloader`` / ``val_loader_names`` / ``train_dataloade
 from __future__ import annotations
 
 import logging
+import math
+import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -40,7 +42,7 @@ import numpy.typing as npt
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
 from lightning_fedseg._validation import check_int
 from lightning_fedseg.data.cache import CachedCase, VolumeCache
@@ -212,6 +214,32 @@ class _DeferredRandomSampler(RandomSampler):
 
     def __iter__(self) -> Iterator[int]:
         yield from super().__iter__()
+
+
+class _DeferredDistributedSampler(DistributedSampler[int]):
+    """The ``DistributedSampler`` Lightning would inject (shuffled, seeded by ``PL_GLOBAL_SEED``),
+    with its length asked only when iterated. Lightning keeps a sampler that already is one."""
+
+    def __init__(self, dataset: _LazySliceDataset, num_replicas: int, rank: int, **_: Any) -> None:
+        self.dataset = dataset
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.epoch = 0
+        self.drop_last = False
+        self.shuffle = True
+        self.seed = int(os.getenv("PL_GLOBAL_SEED", 0))
+
+    def _size(self) -> None:
+        self.num_samples = math.ceil(len(self.dataset) / self.num_replicas)  # type: ignore[arg-type]
+        self.total_size = self.num_samples * self.num_replicas
+
+    def __iter__(self) -> Iterator[int]:
+        self._size()
+        yield from super().__iter__()
+
+    def __len__(self) -> int:
+        self._size()
+        return self.num_samples
 
 
 def _choice(enum: type[StrEnum], value: Any, name: str) -> Any:
@@ -680,19 +708,51 @@ class FederatedDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader[Batch]:
         """Shuffled training slices pooled over this process's sites (centralized training).
 
-        Lazy: no case is read until the loader's length or first batch is asked for. Lightning
-        calls this in every mode, and the federated modes replace the loader with their sites'
-        own loaders, so ``single`` never preprocesses the other sites.
+        Lightning calls this once at the start of ``fit`` in every mode, after the strategy has
+        restricted the sites, so this is where the fit's cases are checked: the training cases of
+        the sites that will train here and the validation cases of this process's sites are
+        validated and cached now, and a bad case stops the run before the first step (see
+        :meth:`_cache_cases`). The loader itself is lazy (nothing is read until its length or a
+        batch is asked for): the federated modes replace it with their sites' own loaders, so
+        ``single`` never preprocesses the other sites' training cases.
         """
+        if self._trainer_fitting():
+            self._cache_cases(
+                self._site_subjects(self._training_sites(), "train") + self._site_subjects(self.local_site_names, "val")
+            )
         cases = self._site_subjects(self.local_site_names, "train")
         dataset = _LazySliceDataset(lambda: self._dataset(cases, "train", True))
+        kwargs = self._distributed_sampler_kwargs()
+        sampler = _DeferredRandomSampler(dataset) if kwargs is None else _DeferredDistributedSampler(dataset, **kwargs)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=_DeferredRandomSampler(dataset),
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+    def _trainer_fitting(self) -> bool:
+        trainer = self.trainer
+        return trainer is not None and bool(getattr(getattr(trainer, "state", None), "fn", None) == "fit")
+
+    def _training_sites(self) -> list[str]:
+        """The local sites that train in this fit: one for a ``single`` strategy mode, else all."""
+        mode = getattr(getattr(self.trainer, "strategy", None), "mode", None)
+        site = getattr(mode, "site", None)
+        if getattr(mode, "name", None) == "single" and site in self.local_site_names:
+            return [str(site)]
+        return self.local_site_names
+
+    def _distributed_sampler_kwargs(self) -> dict[str, Any] | None:
+        """What Lightning would give the ``DistributedSampler`` it injects, or ``None`` if it would not."""
+        trainer = self.trainer
+        connector = getattr(trainer, "_accelerator_connector", None)
+        if trainer is None or trainer.distributed_sampler_kwargs is None:
+            return None
+        if not (getattr(connector, "use_distributed_sampler", True) and getattr(connector, "is_distributed", False)):
+            return None
+        return dict(trainer.distributed_sampler_kwargs)
 
     def val_dataloader(self) -> list[DataLoader[Batch]]:
         """One ordered loader per site of :attr:`val_loader_names`.

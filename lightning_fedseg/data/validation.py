@@ -117,8 +117,8 @@ class _File:
 
 
 def _expected_bytes(image: nib.Nifti1Image) -> int:
-    header = image.header
-    return int(header.get_data_offset()) + int(np.prod(image.shape)) * header.get_data_dtype().itemsize
+    offset = int(getattr(image.dataobj, "offset", 0))
+    return offset + int(np.prod(image.shape)) * image.header.get_data_dtype().itemsize
 
 
 def _truncation(path: Path, image: nib.Nifti1Image) -> str | None:
@@ -132,13 +132,16 @@ def _truncation(path: Path, image: nib.Nifti1Image) -> str | None:
         recorded = int.from_bytes(handle.read(4), "little")
     if recorded == expected % 2**32:
         return None
+    length = 0
     try:  # multi-member gzip files record only their last member: decompress to be sure
         with gzip.open(path, "rb") as stream:
-            while stream.read(1 << 24):
-                pass
+            while chunk := stream.read(1 << 24):
+                length += len(chunk)
     except (OSError, EOFError) as err:
         return f"cannot be read as NIfTI: the compressed file is truncated or corrupt ({err})."
-    return None
+    return (
+        None if length >= expected else f"file is truncated: {length} bytes uncompressed, the header needs {expected}."
+    )
 
 
 def _odd_ones_out(values: list[Any], same: Any) -> tuple[list[int], list[int]]:

@@ -1,0 +1,165 @@
+"""FederatedDataModule at scale: bad cases stop the run, open descriptors stay bounded, lazy loaders."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import nibabel as nib
+import numpy as np
+import pytest
+from torch import nn
+
+from lightning_fedseg import FedAvg, FederatedStrategy, SingleSite
+from lightning_fedseg.data.datamodule import FederatedDataModule, SliceDataset
+from lightning_fedseg.data.synthetic import SyntheticDataset
+from lightning_fedseg.data.validation import BadCaseError
+from lightning_fedseg.module import BrainTumorSegmentation
+
+
+def _copy(tiny_dataset: SyntheticDataset, tmp_path: Path) -> Path:
+    root = tmp_path / "data"
+    shutil.copytree(tiny_dataset.root, root)
+    return root
+
+
+def _poison(root: Path, case_id: str) -> Path:
+    """Store ``case_id``'s FLAIR as float32 with one NaN voxel."""
+    path = root / case_id / f"{case_id}_flair.nii.gz"
+    image = nib.load(path)
+    data = np.asarray(image.get_fdata(), np.float32)
+    data[3, 3, 3] = np.nan
+    nib.save(nib.Nifti1Image(data, image.affine), path)
+    return path
+
+
+def _entries(cache: Path, case_id: str) -> list[Path]:
+    return sorted(cache.glob(f"{case_id}-*")) if cache.is_dir() else []
+
+
+class _CountBatches(pl.Callback):
+    batches = 0
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self.batches += 1
+
+
+def _fit(dm: FederatedDataModule, tmp_path: Path, mode: Any) -> _CountBatches:
+    counter = _CountBatches()
+    model = BrainTumorSegmentation(network=nn.Conv2d(1, 1, 1), compute_hd95=False, log_images=0)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        strategy=FederatedStrategy(mode=mode),
+        callbacks=[counter],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, datamodule=dm)
+    return counter
+
+
+def test_a_nan_voxel_stops_fit_before_training_naming_the_file(tiny_dataset: SyntheticDataset, tmp_path: Path) -> None:
+    root = _copy(tiny_dataset, tmp_path)
+    dm = FederatedDataModule(data_root=str(root), cache_dir=str(tmp_path / "cache"), val_fraction=0.0)
+    dm.setup("fit")
+    last_site = dm.site_names[-1]
+    bad_ids = list(dm.partition.sites[last_site].train[:2])
+    paths = [_poison(root, case_id) for case_id in bad_ids]
+    dm = FederatedDataModule(data_root=str(root), cache_dir=str(tmp_path / "cache"), val_fraction=0.0)
+
+    counter = _CountBatches()
+    with pytest.raises(BadCaseError) as caught:
+        counter = _fit(dm, tmp_path, FedAvg())
+
+    message = str(caught.value)
+    for path in paths:  # every bad case of the request, each at its file
+        assert f"{path.relative_to(root)}: 1 voxel(s) are NaN or infinite." in message
+    assert "skip_bad_cases: true" in message
+    assert counter.batches == 0
+    for case_id in bad_ids:
+        assert _entries(tmp_path / "cache", case_id) == []  # nothing half-written
+    assert not list((tmp_path / "cache").glob("**/*.tmp"))
+
+
+def test_skip_bad_cases_leaves_them_out_with_a_warning(tiny_dataset: SyntheticDataset, tmp_path: Path) -> None:
+    root = _copy(tiny_dataset, tmp_path)
+    dm = FederatedDataModule(data_root=str(root), cache_dir=str(tmp_path / "cache"), val_fraction=0.0)
+    site = dm.site_names[0]
+    bad = dm.partition.sites[site].train[0]
+    _poison(root, bad)
+    good = FederatedDataModule(data_root=str(root), cache_dir=str(tmp_path / "cache"), val_fraction=0.0)
+    skip = FederatedDataModule(
+        data_root=str(root), cache_dir=str(tmp_path / "cache"), val_fraction=0.0, skip_bad_cases=True
+    )
+
+    with pytest.warns(UserWarning, match=rf"leaving out 1 case\(s\) that fail validation: {bad}\."):
+        dataset = skip.site_train_dataset(site)
+
+    assert bad not in {c.case_id for c in dataset.cases}
+    assert len(dataset.cases) == len(skip.partition.sites[site].train) - 1
+    assert list(skip.skipped_cases) == [bad]
+    assert skip.site_num_samples(site) == len(dataset)
+    with pytest.raises(BadCaseError, match=f"{bad}_flair.nii.gz"):
+        good.site_num_samples(site)
+
+
+def _open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts /proc/self/fd")
+def test_open_memory_maps_are_bounded(tiny_dataset: SyntheticDataset, tmp_path: Path) -> None:
+    dm = FederatedDataModule(data_root=str(tiny_dataset.root), cache_dir=str(tmp_path / "cache"))
+    dm.setup("fit")
+    cases = dm._cache_cases(list(dm._cases.values()))
+    order = np.random.default_rng(0).permutation(len(cases) * 3)
+    slices = [np.arange(3, dtype=np.int64) for _ in cases]
+
+    def peak(max_open: int) -> tuple[int, SliceDataset]:
+        dataset = SliceDataset(cases, slices, max_open_cases=max_open)
+        before, most = _open_descriptors(), 0
+        for index in order:
+            dataset[int(index)]
+            most = max(most, _open_descriptors() - before)
+        return most, dataset
+
+    bounded, dataset = peak(3)
+    unbounded, _ = peak(len(cases))
+    assert bounded <= 2 * 3 and len(dataset._open) == 3  # image and labels map per open case
+    assert unbounded == 2 * len(cases) == 40  # the measurement sees every open map
+    batch = dataset[5]  # values unchanged by evictions
+    np.testing.assert_array_equal(batch["image"].numpy(), np.asarray(cases[1].image()[..., 2]))
+
+
+def test_single_never_preprocesses_the_other_sites(tiny_dataset: SyntheticDataset, tmp_path: Path) -> None:
+    dm = FederatedDataModule(data_root=str(tiny_dataset.root), cache_dir=str(tmp_path / "cache"), batch_size=4)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert not (tmp_path / "cache").exists()  # the pooled loader reads nothing until iterated
+    site = dm.site_names[1]
+
+    counter = _fit(dm, tmp_path, SingleSite(site=site))
+
+    assert counter.batches == 2
+    built = {p.name.rsplit("-", 1)[0] for p in (tmp_path / "cache").iterdir() if p.is_dir()}
+    validation = {s for split in dm.partition.sites.values() for s in split.val}  # scored for every site
+    assert built == set(dm.partition.sites[site].train) | validation
+    assert len(loader) == -(-sum(dm.site_num_samples(s) for s in dm.site_names) // 4)  # built when asked
+
+
+def test_paper_partition_warns_that_it_is_not_the_institution_split(
+    tiny_dataset: SyntheticDataset, tmp_path: Path
+) -> None:
+    dm = FederatedDataModule(data_root=str(tiny_dataset.root), partition="paper", cache_dir=str(tmp_path / "c"))
+    with pytest.warns(UserWarning, match="not the paper's split by institution"):
+        dm.setup("fit")
