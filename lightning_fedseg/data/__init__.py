@@ -27,6 +27,7 @@ from lightning_fedseg.data.conventions import (
     Region,
     Target,
     labels_to_regions,
+    nest_regions,
     regions_to_labels,
 )
 from lightning_fedseg.data.datamodule import DEFAULT_MAX_OPEN_CASES, FederatedDataModule, PartitionMode, SliceDataset
@@ -155,6 +156,7 @@ __all__ = [
     "labels_to_regions",
     "load_case",
     "make_site_profiles",
+    "nest_regions",
     "paper_split",
     "paper_split_by_site",
     "preprocess_volume",
