@@ -115,13 +115,21 @@ def _data(argv: Sequence[str]) -> int:
     check.add_argument("--modalities", nargs="+", default=["flair", "t1", "t1ce", "t2"])
     check.add_argument("--label_convention", choices=("brats", "brats2023"), default="brats")
     check.add_argument("--no_seg", action="store_true", help="cases without segmentation (inference data)")
+    check.add_argument("--workers", type=int, default=1, help="processes checking cases in parallel")
+    check.add_argument(
+        "--reorient", action="store_true", help="training will reorient to RAS: non-axial voxel axes are no problem"
+    )
     args = parser.parse_args(list(argv))
+    if args.workers < 1:
+        parser.error(f"Expected `--workers` to be a positive integer, but got {args.workers}.")
     try:
         report = check_dataset(
             args.root,
             modalities=args.modalities,
             convention=args.label_convention,
             require_seg=not args.no_seg,
+            require_axial=not args.reorient,
+            workers=args.workers,
         )
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)

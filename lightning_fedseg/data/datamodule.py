@@ -56,6 +56,7 @@ from lightning_fedseg.data.conventions import (
 from lightning_fedseg.data.partition import (
     PAPER_HELDOUT_FRACTION,
     PAPER_SIMULATED_HELDOUT,
+    DuplicateSubjectsError,
     Partition,
     dirichlet_split,
     paper_split,
@@ -478,7 +479,13 @@ class FederatedDataModule(LightningDataModule):
         if mode is PartitionMode.FETS:
             assert self.partition_csv is not None
             csv_path = Path(self.partition_csv).expanduser()
-            partition = read_fets_csv(csv_path, self.val_fraction, self.seed, self._heldout(0))
+            try:
+                partition = read_fets_csv(csv_path, self.val_fraction, self.seed, self._heldout(0))
+            except DuplicateSubjectsError as err:  # name the subjects missing on disk in the same message
+                missing = [s for s in err.subjects if s not in self._cases]
+                if not missing:
+                    raise
+                raise ValueError(f"{err} {self._missing_message(missing, csv_path)}") from None
             self._check_known({s: "" for s in _all_subjects(partition)}, csv_path)
         elif mode is PartitionMode.PAPER:
             fraction = self._fraction(self._heldout(PAPER_HELDOUT_FRACTION), len(subjects))
@@ -519,11 +526,14 @@ class FederatedDataModule(LightningDataModule):
     def _check_known(self, assignment: dict[str, str], csv_path: Path) -> None:
         missing = sorted(s for s in assignment if s not in self._cases)
         if missing:
-            shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
-            raise ValueError(f"{csv_path}: {len(missing)} subject(s) have no case folder under {self.root}: {shown}.")
+            raise ValueError(self._missing_message(missing, csv_path))
         extra = len(self._cases) - len(assignment)
         if extra > 0:
             log.warning("%d case(s) under %s are not in %s; ignored.", extra, self.root, csv_path)
+
+    def _missing_message(self, missing: Sequence[str], csv_path: Path) -> str:
+        shown = ", ".join(sorted(missing)[:10]) + (" ..." if len(missing) > 10 else "")
+        return f"{csv_path}: {len(missing)} subject(s) have no case folder under {self.root}: {shown}."
 
     def _checked(self, partition: Partition) -> Partition:
         incomplete = []

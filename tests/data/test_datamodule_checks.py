@@ -163,3 +163,30 @@ def test_paper_partition_warns_that_it_is_not_the_institution_split(
     dm = FederatedDataModule(data_root=str(tiny_dataset.root), partition="paper", cache_dir=str(tmp_path / "c"))
     with pytest.warns(UserWarning, match="not the paper's split by institution"):
         dm.setup("fit")
+
+
+def test_fets_2022_csv_with_missing_and_repeated_subjects_is_refused_naming_them(
+    tiny_dataset: SyntheticDataset, tmp_path: Path
+) -> None:
+    subjects = sorted(tiny_dataset.subject_sites)
+    rows = [f"{1 + i % 3},{s}" for i, s in enumerate(subjects)]
+    rows += ["2,FeTS2022_09999", "3,FeTS2022_10000", f"1,{subjects[4]}"]  # two not on disk, one repeated
+    csv_path = tmp_path / "partitioning_1.csv"
+    csv_path.write_text("Partition_ID,Subject_ID\n" + "\n".join(rows) + "\n")
+    dm = FederatedDataModule(
+        data_root=str(tiny_dataset.root), partition="fets", partition_csv=str(csv_path), cache_dir=str(tmp_path / "c")
+    )
+    with pytest.raises(ValueError) as caught:
+        dm.setup("fit")
+    message = str(caught.value)
+    assert f"1 subject(s) are listed more than once: {subjects[4]} on lines 6, {len(subjects) + 4}." in message
+    assert "2 subject(s) have no case folder under" in message
+    assert message.endswith(": FeTS2022_09999, FeTS2022_10000.")
+
+    csv_path.write_text("Partition_ID,Subject_ID\n" + "\n".join(rows[:-1]) + "\n")  # the repetition fixed
+    with pytest.raises(
+        ValueError, match=r"2 subject\(s\) have no case folder under .*: FeTS2022_09999, FeTS2022_10000"
+    ):
+        FederatedDataModule(
+            data_root=str(tiny_dataset.root), partition="fets", partition_csv=str(csv_path), cache_dir=str(tmp_path)
+        ).setup("fit")
