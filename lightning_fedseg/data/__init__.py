@@ -7,6 +7,7 @@ The public names of every data module are importable from here, e.g.
 from lightning_fedseg.data.cache import (
     CACHE_ENV,
     CACHE_VERSION,
+    AxialSlices,
     CachedCase,
     VolumeCache,
     default_cache_dir,
@@ -30,7 +31,7 @@ from lightning_fedseg.data.conventions import (
     nest_regions,
     regions_to_labels,
 )
-from lightning_fedseg.data.datamodule import DEFAULT_MAX_OPEN_CASES, FederatedDataModule, PartitionMode, SliceDataset
+from lightning_fedseg.data.datamodule import FederatedDataModule, PartitionMode, SliceDataset
 from lightning_fedseg.data.orientation import (
     CANONICAL,
     axis_codes,
@@ -103,7 +104,6 @@ __all__ = [
     "CACHE_ENV",
     "CACHE_VERSION",
     "CANONICAL",
-    "DEFAULT_MAX_OPEN_CASES",
     "DEFAULT_NUM_SUBJECTS",
     "DEFAULT_SHAPE",
     "FIELD_OF_VIEW_MM",
@@ -116,6 +116,7 @@ __all__ = [
     "PAPER_SITE_SIZES",
     "REGIONS",
     "TISSUE_CLASSES",
+    "AxialSlices",
     "BadCaseError",
     "CachedCase",
     "Case",

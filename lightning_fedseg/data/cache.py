@@ -61,6 +61,7 @@ from lightning_fedseg.data.validation import load_case
 __all__ = [
     "CACHE_ENV",
     "CACHE_VERSION",
+    "AxialSlices",
     "CachedCase",
     "VolumeCache",
     "default_cache_dir",
@@ -88,6 +89,61 @@ def default_cache_dir() -> Path:
         return Path(os.environ[CACHE_ENV]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "lightning_fedseg" / "preprocessed"
+
+
+@dataclass(frozen=True)
+class AxialSlices:
+    """Reads axial slices of a cached, Fortran-ordered ``[..., Z]`` ``.npy`` file on demand.
+
+    A slice ``[..., z]`` of a Fortran-ordered array is one contiguous block, so reading it is one
+    ``os.pread`` between an open and a close: no file descriptor stays open between reads,
+    however many cases a dataset serves, and the page cache is used as a memory map would.
+
+    Attributes:
+        path: the ``.npy`` file.
+        offset: where the array data starts.
+        dtype: the element type.
+        shape: the array shape, last axis ``Z``.
+    """
+
+    path: Path
+    offset: int
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...]
+
+    @classmethod
+    def open(cls, path: Path) -> AxialSlices:
+        """Parse the ``.npy`` header of ``path`` (the only time its header is read).
+
+        Raises:
+            ValueError: the array is not Fortran-ordered (not written by this cache).
+        """
+        with path.open("rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran_order, dtype = read_header(handle)
+            offset = handle.tell()
+        if not fortran_order and len(shape) > 1:
+            raise ValueError(f"{path}: expected a Fortran-ordered array, as the cache writes them.")
+        return cls(path, offset, np.dtype(dtype), tuple(int(n) for n in shape))
+
+    def read(self, z: int) -> npt.NDArray[Any]:
+        """The slice ``[..., z]`` (Fortran-ordered, writable, a copy)."""
+        if not 0 <= z < self.shape[-1]:
+            raise IndexError(f"Slice {z} is outside 0..{self.shape[-1] - 1} of {self.path}.")
+        out = np.empty(self.shape[:-1], self.dtype, order="F")
+        nbytes = out.nbytes
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            flat: Any = out.reshape(-1, order="A")  # a view: the array is contiguous
+            got = os.preadv(fd, [memoryview(flat).cast("B")], self.offset + z * nbytes)
+        finally:
+            os.close(fd)
+        if got != nbytes:
+            raise OSError(f"{self.path} is truncated: slice {z} needs {nbytes} bytes, got {got}.")
+        return out
 
 
 @dataclass(frozen=True)
@@ -143,6 +199,14 @@ class CachedCase:
         if not self.has_labels:
             return None
         return np.load(self.directory / _LABELS, mmap_mode="r")
+
+    def image_slices(self) -> AxialSlices:
+        """A reader of the image's axial slices ``[C, x, y]`` that holds no file open."""
+        return AxialSlices.open(self.directory / _IMAGE)
+
+    def label_slices(self) -> AxialSlices | None:
+        """A reader of the label map's axial slices ``[x, y]``, or ``None`` without labels."""
+        return AxialSlices.open(self.directory / _LABELS) if self.has_labels else None
 
     def full_labels(self) -> npt.NDArray[np.uint8] | None:
         """The label map on the full, uncropped ``(X, Y, Z)`` grid (tumour outside the crop too)."""

@@ -30,7 +30,6 @@ import logging
 import math
 import os
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from enum import StrEnum
@@ -45,7 +44,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
 from lightning_fedseg._validation import check_int
-from lightning_fedseg.data.cache import CachedCase, VolumeCache
+from lightning_fedseg.data.cache import AxialSlices, CachedCase, VolumeCache
 from lightning_fedseg.data.cases import Case, CaseReference, discover_cases
 from lightning_fedseg.data.conventions import (
     LabelConvention,
@@ -69,14 +68,11 @@ from lightning_fedseg.data.preprocess import SlicePolicy
 from lightning_fedseg.data.synthetic import DEFAULT_SHAPE, PARTITION_NAME, ensure_synthetic_dataset
 from lightning_fedseg.data.validation import BadCaseError, CheckReport
 
-__all__ = ["DEFAULT_MAX_OPEN_CASES", "FederatedDataModule", "PartitionMode", "SliceDataset"]
+__all__ = ["FederatedDataModule", "PartitionMode", "SliceDataset"]
 
 log = logging.getLogger(__name__)
 
 Batch = dict[str, Any]
-
-DEFAULT_MAX_OPEN_CASES = 32
-"""Cases whose memory maps a :class:`SliceDataset` keeps open at once (two descriptors each)."""
 
 
 class PartitionMode(StrEnum):
@@ -98,9 +94,9 @@ class PartitionMode(StrEnum):
 class SliceDataset(Dataset[Batch]):
     """Axial slices of cached volumes, case by case in the given order, z as given.
 
-    Memory maps are opened lazily in the process that reads them (never pickled to workers) and
-    kept in a small least-recently-used set of ``max_open_cases`` cases, so the open file
-    descriptors (one per memory map) stay bounded whatever the number of cases.
+    Slices are read on demand (:class:`~lightning_fedseg.data.cache.AxialSlices`: open, one
+    ``pread`` of the contiguous slice, close), so no file stays open between reads whatever the
+    number of cases; each case's ``.npy`` headers are parsed once per process.
 
     Args:
         cases: the cached cases.
@@ -108,7 +104,6 @@ class SliceDataset(Dataset[Batch]):
         target: whole tumour (1 channel) or the three regions.
         convention: which label marks enhancing tumour.
         with_target: whether samples carry a ``target`` (every case then needs labels).
-        max_open_cases: cases whose memory maps stay open at once.
     """
 
     def __init__(
@@ -118,9 +113,7 @@ class SliceDataset(Dataset[Batch]):
         target: Target | str = Target.WT,
         convention: LabelConvention | str = LabelConvention.BRATS,
         with_target: bool = True,
-        max_open_cases: int = DEFAULT_MAX_OPEN_CASES,
     ) -> None:
-        check_int("max_open_cases", max_open_cases)
         if len(cases) != len(slices):
             raise ValueError(f"Expected one slice list per case, got {len(slices)} for {len(cases)}.")
         unlabeled = [c.case_id for c in cases if not c.has_labels]
@@ -136,8 +129,7 @@ class SliceDataset(Dataset[Batch]):
         self._counts = counts
         # Region masks of every possible uint8 label, so a slice's target is one table lookup.
         self._regions = labels_to_regions(np.arange(256), self.target, self.convention)
-        self.max_open_cases = max_open_cases
-        self._open: OrderedDict[int, tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8] | None]] = OrderedDict()
+        self._readers: dict[int, tuple[AxialSlices, AxialSlices | None]] = {}
 
     def __len__(self) -> int:
         return len(self.z_index)
@@ -147,35 +139,31 @@ class SliceDataset(Dataset[Batch]):
         """Slices served of each case."""
         return {c.case_id: n for c, n in zip(self.cases, self._counts, strict=True)}
 
-    def _arrays(self, i: int) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8] | None]:
-        arrays = self._open.get(i)
-        if arrays is not None:
-            self._open.move_to_end(i)
-            return arrays
-        while len(self._open) >= self.max_open_cases:
-            self._open.popitem(last=False)  # the last reference: the map and its descriptor close
-        case = self.cases[i]
-        arrays = (case.image(), case.labels() if self.with_target else None)
-        self._open[i] = arrays
-        return arrays
+    def _reader(self, i: int) -> tuple[AxialSlices, AxialSlices | None]:
+        readers = self._readers.get(i)
+        if readers is None:
+            case = self.cases[i]
+            readers = (case.image_slices(), case.label_slices() if self.with_target else None)
+            self._readers[i] = readers
+        return readers
 
     def __getitem__(self, index: int) -> Batch:
         i, z = int(self.case_index[index]), int(self.z_index[index])
-        image, labels = self._arrays(i)
+        image, labels = self._reader(i)
         sample: Batch = {
-            "image": torch.from_numpy(np.array(image[..., z], dtype=np.float32, order="C")),
+            "image": torch.from_numpy(np.ascontiguousarray(image.read(z), dtype=np.float32)),
             "case_id": self.cases[i].case_id,
             "slice_index": z,
             "num_slices": self._counts[i],
         }
         if labels is not None:
-            regions = self._regions[:, np.asarray(labels[..., z])]
+            regions = self._regions[:, labels.read(z)]
             sample["target"] = torch.from_numpy(regions.astype(np.float32))
         return sample
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_open"] = OrderedDict()
+        state["_readers"] = {}
         return state
 
 
@@ -289,7 +277,7 @@ class FederatedDataModule(LightningDataModule):
         reorient: reorient every case to RAS before slicing (recorded in the cache key; the
             prediction writer restores each file's own orientation). Without it a case whose
             third voxel axis is not inferior-superior is refused.
-        max_open_cases: cases whose memory maps each dataset keeps open at once.
+
 
     Example:
         >>> dm = FederatedDataModule(data_root="/data/brats", partition="simulated", num_sites=4)
@@ -322,7 +310,6 @@ class FederatedDataModule(LightningDataModule):
         sites: list[str] | None = None,
         skip_bad_cases: bool = False,
         reorient: bool = False,
-        max_open_cases: int = DEFAULT_MAX_OPEN_CASES,
     ) -> None:
         mode: PartitionMode = _choice(PartitionMode, partition, "partition")
         target_: Target = _choice(Target, target, "target")
@@ -357,7 +344,6 @@ class FederatedDataModule(LightningDataModule):
             check_int("crop_size", crop_size)
         check_int("batch_size", batch_size)
         check_int("num_workers", num_workers, minimum=0)
-        check_int("max_open_cases", max_open_cases)
         if synthetic_subjects is not None:
             check_int("synthetic_subjects", synthetic_subjects)
         if len(synthetic_shape) != 3 or any(
@@ -390,7 +376,6 @@ class FederatedDataModule(LightningDataModule):
         self.sites = None if sites is None else list(sites)
         self.skip_bad_cases = bool(skip_bad_cases)
         self.reorient = bool(reorient)
-        self.max_open_cases = max_open_cases
         self.cache = VolumeCache(cache_dir, self.modalities, crop_size, convention, self.reorient)
         self.skipped_cases: dict[str, CheckReport] = {}
         self._root: Path | None = None
@@ -666,7 +651,7 @@ class FederatedDataModule(LightningDataModule):
             slices = [c.slices(self.slice_policy, self.seed) for c in cached]
         else:
             slices = [np.arange(c.num_slices, dtype=np.int64) for c in cached]
-        return SliceDataset(cached, slices, self.target, self.label_convention, with_target, self.max_open_cases)
+        return SliceDataset(cached, slices, self.target, self.label_convention, with_target)
 
     def site_train_dataset(self, site: str) -> SliceDataset:
         """The training slices of ``site`` (per ``slice_policy``)."""
