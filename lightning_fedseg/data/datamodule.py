@@ -47,6 +47,7 @@ from lightning_fedseg._validation import check_int
 from lightning_fedseg.data.cache import AxialSlices, CachedCase, VolumeCache
 from lightning_fedseg.data.cases import Case, CaseReference, discover_cases
 from lightning_fedseg.data.conventions import (
+    MODALITIES,
     LabelConvention,
     Modality,
     Target,
@@ -386,6 +387,11 @@ class FederatedDataModule(LightningDataModule):
 
     # ------------------------------------------------------------------ partition
     @property
+    def _discovered_modalities(self) -> list[Modality]:
+        """Every sequence, so validation sees all files of a case (the odd one out among them)."""
+        return list(dict.fromkeys([*self.modalities, *MODALITIES]))
+
+    @property
     def in_channels(self) -> int:
         """Number of input channels (modalities)."""
         return len(self.modalities)
@@ -443,7 +449,7 @@ class FederatedDataModule(LightningDataModule):
 
     def _make_partition(self) -> Partition:
         root = self.root
-        cases = discover_cases(root, self.modalities, require_seg=True)
+        cases = discover_cases(root, self._discovered_modalities, require_seg=True)
         self._cases = {c.case_id: c for c in cases}
         subjects = sorted(self._cases)
         mode = self.partition_mode
@@ -579,7 +585,7 @@ class FederatedDataModule(LightningDataModule):
             if self.predict_root is None:
                 self._predict_cases = {c.case_id: c for c in self._heldout_subjects()}
             else:
-                found = discover_cases(self.predict_root, self.modalities, require_seg=False)
+                found = discover_cases(self.predict_root, self._discovered_modalities, require_seg=False)
                 self._predict_cases = {c.case_id: c for c in found}
         return self._predict_cases
 

@@ -173,14 +173,20 @@ def _check_headers(
     affine_atol: float,
     require_axial: bool,
     problems: list[Problem],
+    also: Sequence[Modality] = (),
 ) -> list[_File]:
+    """Header checks of ``modalities`` (required) and ``also`` (checked when present), then seg."""
+
     def report(path: Path, message: str) -> None:
         problems.append(Problem(case.case_id, path, message))
 
     present = sorted(n for n in os.listdir(case.folder) if _is_nifti(n)) if case.folder.is_dir() else []
     paths: list[tuple[str, Path]] = []
-    for modality in modalities:
+    order = [m for m in MODALITIES if m in modalities or m in also] + [m for m in modalities if m not in MODALITIES]
+    for modality in order:
         path = case.images.get(modality)
+        if path is None and modality not in modalities:
+            continue
         if path is None:
             expected = " or ".join(case.expected_image_names(modality))
             report(
@@ -391,7 +397,9 @@ def load_case(
     """Check and read the images (and segmentation, when present) of one case.
 
     Runs the checks of :func:`validate_cases` on the files and on the arrays as read (each file
-    is decoded once), then converts: images to float32 (NIfTI scaling applied), labels to uint8
+    is decoded once): the header checks on every image file of the case, so a file that
+    disagrees with the others is named even when it is not read (as ``data check`` names it),
+    and the voxel checks on the files read. Then it converts: images to float32 (NIfTI scaling applied), labels to uint8
     (float label maps rounded). With ``reorient`` the arrays are flipped and permuted to RAS
     (:func:`~lightning_fedseg.data.orientation.to_canonical`); otherwise the third voxel axis
     must already be inferior-superior.
@@ -415,7 +423,9 @@ def load_case(
         raise ValueError("Expected `modalities` to name at least one modality, but got none.")
     convention = LabelConvention(convention)
     problems: list[Problem] = []
-    files = _check_headers(case, wanted, False, affine_atol, not reorient, problems)
+    others = [m for m in case.images if m not in wanted]
+    files = _check_headers(case, wanted, False, affine_atol, not reorient, problems, also=others)
+    files = [f for f in files if f.name == "seg" or Modality(f.name) in wanted]
     arrays: dict[str, npt.NDArray[Any]] = {}
     if not problems:
         for file in files:

@@ -208,3 +208,13 @@ def test_axial_slices_read_contiguous_blocks_and_name_a_truncated_file(tmp_path:
     np.save(tmp_path / "c.npy", np.ascontiguousarray(array))
     with pytest.raises(ValueError, match="expected a Fortran-ordered array"):
         AxialSlices.open(tmp_path / "c.npy")
+
+
+def test_reorientation_and_label_convention_enter_the_key(tmp_path: Path) -> None:
+    case = _case(tmp_path / "data")
+    keys = {
+        VolumeCache(tmp_path / "cache", ["flair"]).key(case),
+        VolumeCache(tmp_path / "cache", ["flair"], reorient=True).key(case),
+        VolumeCache(tmp_path / "cache", ["flair"], label_convention="brats2023").key(case),
+    }
+    assert len(keys) == 3

@@ -68,13 +68,26 @@ def _fit(dm: FederatedDataModule, tmp_path: Path, mode: Any) -> _CountBatches:
     return counter
 
 
-def test_a_nan_voxel_stops_fit_before_training_naming_the_file(tiny_dataset: SyntheticDataset, tmp_path: Path) -> None:
+def _shift(root: Path, case_id: str) -> Path:
+    """Move ``case_id``'s FLAIR by 25 mm (its header only)."""
+    path = root / case_id / f"{case_id}_flair.nii.gz"
+    image = nib.load(path)
+    affine = image.affine.copy()
+    affine[0, 3] += 25.0
+    nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj), affine, image.header), path)
+    return path
+
+
+@pytest.mark.parametrize("fault", ["nan", "shifted"])
+def test_a_bad_file_stops_fit_before_training_naming_it(
+    tiny_dataset: SyntheticDataset, tmp_path: Path, fault: str
+) -> None:
     root = _copy(tiny_dataset, tmp_path)
     dm = FederatedDataModule(data_root=str(root), cache_dir=str(tmp_path / "cache"), val_fraction=0.0)
     dm.setup("fit")
     last_site = dm.site_names[-1]
     bad_ids = list(dm.partition.sites[last_site].train[:2])
-    paths = [_poison(root, case_id) for case_id in bad_ids]
+    paths = [(_poison if fault == "nan" else _shift)(root, case_id) for case_id in bad_ids]
     dm = FederatedDataModule(data_root=str(root), cache_dir=str(tmp_path / "cache"), val_fraction=0.0)
 
     counter = _CountBatches()
@@ -82,8 +95,13 @@ def test_a_nan_voxel_stops_fit_before_training_naming_the_file(tiny_dataset: Syn
         counter = _fit(dm, tmp_path, FedAvg())
 
     message = str(caught.value)
+    expected = (
+        "1 voxel(s) are NaN or infinite."
+        if fault == "nan"
+        else "affine differs from the t1, t1ce, t2 and seg images', which agree with each other, by up to 25"
+    )
     for path in paths:  # every bad case of the request, each at its file
-        assert f"{path.relative_to(root)}: 1 voxel(s) are NaN or infinite." in message
+        assert f"{path.relative_to(root)}: {expected}" in message
     assert "skip_bad_cases: true" in message
     assert counter.batches == 0
     for case_id in bad_ids:
