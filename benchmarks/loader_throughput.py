@@ -9,7 +9,9 @@ minute on 2 CPU cores::
     .venv/bin/python benchmarks/loader_throughput.py
 
 Options: ``--num-workers`` (DataLoader workers, default 1), ``--epochs`` (cached epochs timed,
-default 5), ``--subjects-128`` / ``--subjects-default`` (cases per size).
+default 5), ``--subjects-128`` / ``--subjects-default`` (cases per size), ``--subjects-many``
+(a third row at the default size with more cases than a dataset keeps memory-mapped at once, so
+shuffled reads keep reopening maps; 0 skips it).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def _epoch(loader: DataLoader[dict[str, Any]]) -> tuple[int, float]:
 
 def measure(shape: tuple[int, int, int], subjects: int, epochs: int, num_workers: int, work: Path) -> dict[str, float]:
     """Time the first (decoding) epoch and ``epochs`` cached epochs for one volume size."""
-    name = "x".join(str(s) for s in shape)
+    name = "x".join(str(s) for s in shape) + f"-{subjects}"
     data = write_synthetic_dataset(work / f"data-{name}", num_subjects=subjects, shape=shape, num_sites=1, seed=0)
     dm = FederatedDataModule(
         data_root=str(data.root),
@@ -71,8 +73,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--subjects-128", type=int, default=6)
     parser.add_argument("--subjects-default", type=int, default=20)
+    parser.add_argument("--subjects-many", type=int, default=200)
     args = parser.parse_args()
     sizes = [((128, 128, 64), args.subjects_128), (DEFAULT_SHAPE, args.subjects_default)]
+    if args.subjects_many:
+        sizes.append((DEFAULT_SHAPE, args.subjects_many))
     workers = f"{args.num_workers} worker" + ("s" if args.num_workers != 1 else "")
     lines = [
         f"| volume | cases | slices | 1st epoch, NIfTI decode (slices/s) "

@@ -88,6 +88,7 @@ def _synth(argv: Sequence[str]) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--naming", choices=("brats", "fets"), default="brats")
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--num_workers", type=int, default=1, help="processes generating subjects in parallel")
     args = parser.parse_args(list(argv))
     kwargs: dict[str, Any] = {
         "num_sites": args.num_sites,
@@ -95,6 +96,7 @@ def _synth(argv: Sequence[str]) -> int:
         "seed": args.seed,
         "naming": args.naming,
         "overwrite": args.overwrite,
+        "num_workers": args.num_workers,
     }
     if args.num_subjects is not None:
         kwargs["num_subjects"] = args.num_subjects
@@ -104,7 +106,7 @@ def _synth(argv: Sequence[str]) -> int:
 
 
 def _data(argv: Sequence[str]) -> int:
-    from lightning_fedseg.data.cases import check_dataset
+    from lightning_fedseg.data.validation import check_dataset
 
     parser = argparse.ArgumentParser(prog="lightning-fedseg data", description=EXTRA_SUBCOMMANDS["data"])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -113,13 +115,21 @@ def _data(argv: Sequence[str]) -> int:
     check.add_argument("--modalities", nargs="+", default=["flair", "t1", "t1ce", "t2"])
     check.add_argument("--label_convention", choices=("brats", "brats2023"), default="brats")
     check.add_argument("--no_seg", action="store_true", help="cases without segmentation (inference data)")
+    check.add_argument("--workers", type=int, default=1, help="processes checking cases in parallel")
+    check.add_argument(
+        "--reorient", action="store_true", help="training will reorient to RAS: non-axial voxel axes are no problem"
+    )
     args = parser.parse_args(list(argv))
+    if args.workers < 1:
+        parser.error(f"Expected `--workers` to be a positive integer, but got {args.workers}.")
     try:
         report = check_dataset(
             args.root,
             modalities=args.modalities,
             convention=args.label_convention,
             require_seg=not args.no_seg,
+            require_axial=not args.reorient,
+            workers=args.workers,
         )
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -280,15 +280,23 @@ class VolumeMetrics(Metric):
         self.add_state("hd95_sum", torch.zeros(num_regions, dtype=torch.float64), "sum")
         self.add_state("volumes", torch.zeros((), dtype=torch.float64), "sum")
 
-    def update(self, pred_volume: Tensor, target_volume: Tensor) -> None:
-        """Score one volume: bool ``[K, X, Y, Z]`` prediction and ground truth."""
+    def update(self, pred_volume: Tensor, target_volume: Tensor, spacing: Sequence[float] | None = None) -> None:
+        """Score one volume: bool ``[K, X, Y, Z]`` prediction and ground truth.
+
+        Args:
+            pred_volume: predicted region masks.
+            target_volume: ground-truth region masks, same shape.
+            spacing: this volume's voxel size in mm along X, Y, Z (default: the metric's
+                ``spacing``); HD95 is in mm, like its empty-mask penalty.
+        """
         if pred_volume.shape[0] != len(self.regions):
             raise ValueError(
                 f"Expected {len(self.regions)} region channels ({', '.join(self.regions)}), "
                 f"but got a volume of shape {tuple(pred_volume.shape)}."
             )
+        volume_spacing = self.spacing if spacing is None else tuple(float(s) for s in spacing)
         dice, distances = volume_scores(
-            pred_volume, target_volume, self.compute_hd95, self.spacing, self.hd95_reduction
+            pred_volume, target_volume, self.compute_hd95, volume_spacing, self.hd95_reduction
         )
         self.dice_sum += dice.to(self.dice_sum)
         if distances is not None:

@@ -33,8 +33,8 @@ from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import BinaryF1Score
 
 from lightning_fedseg._validation import check_int
-from lightning_fedseg.data.conventions import Target
-from lightning_fedseg.metrics import HausdorffReduction, SliceAssembler, VolumeMetrics
+from lightning_fedseg.data.conventions import Target, nest_regions
+from lightning_fedseg.metrics import AssembledVolume, HausdorffReduction, SliceAssembler, VolumeMetrics
 from lightning_fedseg.plotting import overlay_figure
 
 __all__ = ["BrainTumorSegmentation", "LossName", "build_network", "paper_adam"]
@@ -336,9 +336,9 @@ class BrainTumorSegmentation(LightningModule):
             self._add_site(f"loader{len(self.val_site_names)}")
         site_metric = cast(VolumeMetrics, self.val_site_metrics[dataloader_idx])
         for volume in self._add_slices(batch, probs, dataloader_idx):
-            pred, truth = volume.tensors["pred"], volume.tensors["target"]
-            self.val_metrics.update(pred, truth)
-            site_metric.update(pred, truth)
+            pred, truth, spacing = self._scored_volume(volume)
+            self.val_metrics.update(pred, truth, spacing)
+            site_metric.update(pred, truth, spacing)
         if self._should_log_images():
             self._collect_examples(batch, probs, self.val_site_names[dataloader_idx])
 
@@ -365,7 +365,7 @@ class BrainTumorSegmentation(LightningModule):
         target = batch["target"]
         self.test_loss.update(self.loss(logits, target), weight=len(target))
         for volume in self._add_slices(batch, logits.sigmoid(), dataloader_idx):
-            self.test_metrics.update(volume.tensors["pred"], volume.tensors["target"])
+            self.test_metrics.update(*self._scored_volume(volume))
 
     def on_test_epoch_end(self) -> None:
         self._warn_incomplete("test")
@@ -392,6 +392,28 @@ class BrainTumorSegmentation(LightningModule):
             pred=(probs > self.threshold).cpu(),
             target=(batch["target"] > 0.5).cpu(),
         )
+
+    def _scored_volume(self, volume: AssembledVolume) -> tuple[Tensor, Tensor, tuple[float, float, float]]:
+        """Prediction, ground truth and spacing of one volume, as the BraTS evaluation sees them.
+
+        The predicted regions are nested (ET inside TC inside WT) as in the written label maps.
+        When the datamodule knows the case (``case_reference`` and ``full_target``, as
+        :class:`~lightning_fedseg.data.FederatedDataModule`), both masks are on the full,
+        uncropped grid (tumour outside the crop counts) and the spacing is the volume's own;
+        otherwise the masks are scored as given, at 1 mm.
+        """
+        pred = nest_regions(volume.tensors["pred"].numpy())
+        target = volume.tensors["target"]
+        spacing = (1.0, 1.0, 1.0)
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if hasattr(datamodule, "case_reference"):
+            reference = datamodule.case_reference(volume.case_id)  # type: ignore[union-attr]
+            spacing = tuple(getattr(reference, "spacing", spacing))
+            whole = volume.slice_index.tolist() == list(range(reference.full_shape[2]))
+            if hasattr(datamodule, "full_target") and whole:
+                pred = reference.uncrop(pred)
+                target = torch.from_numpy(datamodule.full_target(volume.case_id))  # type: ignore[union-attr]
+        return torch.from_numpy(pred), target, spacing
 
     def _warn_incomplete(self, stage: str) -> None:
         pending = [case for assembler in self._assemblers.values() for case in assembler.pending]

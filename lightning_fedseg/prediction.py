@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_fedseg.data.conventions import LabelConvention, regions_to_labels
+from lightning_fedseg.data.orientation import from_canonical
 from lightning_fedseg.metrics import AssembledVolume, SliceAssembler
 
 __all__ = ["NiftiPredictionWriter", "PredictionNaming", "uncrop_labels"]
@@ -73,8 +74,9 @@ class NiftiPredictionWriter(BasePredictionWriter):
     ``probs [B, K, H, W]``) is thresholded and buffered; once a case has all its slices, its
     regions are turned into BraTS labels (WT, TC, ET to 1/2/4, or 3 for ET under the 2023
     convention; a WT-only model writes 0/1), put back into the uncropped grid given by
-    ``trainer.datamodule.case_reference(case_id)``, and written as uint8 with the reference
-    NIfTI's affine and header, via a temporary file and an atomic rename.
+    ``trainer.datamodule.case_reference(case_id)`` (and, for a case reoriented to RAS, back into
+    the reference file's own voxel order), and written as uint8 with the reference NIfTI's
+    affine and header, via a temporary file and an atomic rename.
 
     Run ``trainer.predict(..., return_predictions=False)`` so the probabilities are not also
     kept in memory.
@@ -169,7 +171,9 @@ class NiftiPredictionWriter(BasePredictionWriter):
                 f"Expected the reference of case {volume.case_id!r} to be a NIfTI image, but "
                 f"{reference.reference_path} is a {type(source).__name__}."
             )
-        if tuple(source.shape[:3]) != tuple(reference.full_shape):
+        if getattr(reference, "reoriented", False):  # back from RAS to the file's own voxel order
+            full = from_canonical(full, source.affine)
+        if tuple(source.shape[:3]) != full.shape:
             raise ValueError(
                 f"Reference {reference.reference_path} has shape {source.shape}, but case "
                 f"{volume.case_id!r} was announced with full shape {reference.full_shape}."

@@ -47,6 +47,8 @@ def test_synth_writes_brats_layout_and_data_check_passes(small_dataset, capsys):
     assert files == sorted(f"{cid}_{m}.nii.gz" for m in ("flair", "t1", "t1ce", "t2", "seg"))
     assert (small_dataset / "partition.csv").read_text().splitlines()[0] == "Subject_ID,Partition_ID"
     assert main(["data", "check", str(small_dataset)]) == 0
+    assert main(["data", "check", str(small_dataset), "--workers", "2"]) == 0
+    assert "Checked 36 cases" in capsys.readouterr().out
 
 
 def test_data_check_reports_every_bad_case_and_fails(small_dataset, tmp_path, capsys):

@@ -246,3 +246,15 @@ def test_assembler_rejects_inconsistent_input():
         assembler.add(["b", "b"], [0, 1], [2, 2], pred=torch.zeros(1, 1, 2, 2))
     with pytest.raises(ValueError, match="num_slices"):
         assembler.add(["c"], [0], [0], pred=torch.zeros(1, 1, 2, 2))
+
+
+def test_volume_metrics_take_each_volumes_spacing_in_mm():
+    pred = torch.zeros(1, 8, 8, 8, dtype=torch.bool)
+    target = torch.zeros(1, 8, 8, 8, dtype=torch.bool)
+    pred[0, 2:5, 2:5, 2:5] = True
+    target[0, 2:5, 2:5, 4:7] = True  # moved by 2 voxels along z
+    metric = VolumeMetrics(["wt"])
+    metric.update(pred, target, spacing=(1.0, 1.0, 2.5))  # 5 mm
+    metric.update(pred, target)  # the metric's default spacing, 1 mm: 2 mm
+    metric.update(pred, torch.zeros_like(target), spacing=(0.5, 0.5, 0.5))  # the penalty is in mm already
+    assert metric.compute()["hd95_wt"].item() == pytest.approx((5.0 + 2.0 + BRATS_HD95_PENALTY) / 3, abs=1e-4)

@@ -6,14 +6,22 @@ Each case gets a folder ``<cache_dir>/<case_id>-<key>/`` holding
   so that an axial slice ``image[..., z]`` is one contiguous block of the memory map;
 * ``labels.npy``: uint8 ``[x, y, Z]`` raw BraTS labels, same order (absent without a
   segmentation);
-* ``meta.json``: shapes, crop, per-slice brain/tumour flags and the labels present. It is
-  written last and marks the entry complete.
+* ``outside.npy``: int16 ``[N, 4]`` rows ``(x, y, z, label)`` of the tumour voxels outside the
+  crop (absent when there are none), so metrics can score the full, uncropped grid;
+* ``meta.json``: shapes, crop, voxel spacing, per-slice brain/tumour flags and the labels
+  present. It is written last and marks the entry complete.
+
+Every case is validated when it is built (:func:`~lightning_fedseg.data.validation.load_case`,
+the checks of ``data check``): a bad case raises
+:class:`~lightning_fedseg.data.validation.BadCaseError` before anything is written, so an entry
+exists only for a case that passed, and passing is remembered with the entry.
 
 The key hashes the source files (resolved path, size, ``mtime_ns``), the preprocessing settings
-(modalities, crop size) and :data:`CACHE_VERSION`: editing a NIfTI file, changing a setting or
-bumping the version gives a new entry, never a stale one. Every file is written to a temporary
-file in the same folder, flushed, fsynced and moved into place with :func:`os.replace`, so an
-interrupted run leaves at most an entry without ``meta.json``, which is rebuilt, never trusted.
+(modalities, crop size, label convention, reorientation) and :data:`CACHE_VERSION`: editing a
+NIfTI file, changing a setting or bumping the version gives a new entry, never a stale one.
+Every file is written to a temporary file in the same folder, flushed, fsynced and moved into
+place with :func:`os.replace`, so an interrupted run leaves at most an entry without
+``meta.json``, which is rebuilt, never trusted; a failed build removes the folder it created.
 
 The default location is ``$LIGHTNING_FEDSEG_CACHE`` or ``~/.cache/lightning_fedseg/preprocessed``
 (``$XDG_CACHE_HOME`` is honoured), never the data folder, which may be read-only.
@@ -26,6 +34,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -37,8 +46,9 @@ import numpy as np
 import numpy.typing as npt
 from nibabel.spatialimages import SpatialImage
 
-from lightning_fedseg.data.cases import Case, CaseReference, load_case
+from lightning_fedseg.data.cases import Case, CaseReference
 from lightning_fedseg.data.conventions import LabelConvention, Modality
+from lightning_fedseg.data.orientation import to_canonical, voxel_spacing
 from lightning_fedseg.data.preprocess import (
     SlicePolicy,
     centre_crop_slices,
@@ -46,16 +56,18 @@ from lightning_fedseg.data.preprocess import (
     resolve_crop_size,
     select_slices,
 )
+from lightning_fedseg.data.validation import load_case
 
 __all__ = [
     "CACHE_ENV",
     "CACHE_VERSION",
+    "AxialSlices",
     "CachedCase",
     "VolumeCache",
     "default_cache_dir",
 ]
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 """Bump whenever preprocessing changes what is written, so old entries are not reused."""
 
 CACHE_ENV = "LIGHTNING_FEDSEG_CACHE"
@@ -64,6 +76,7 @@ CACHE_ENV = "LIGHTNING_FEDSEG_CACHE"
 _META = "meta.json"
 _IMAGE = "image.npy"
 _LABELS = "labels.npy"
+_OUTSIDE = "outside.npy"
 
 
 def default_cache_dir() -> Path:
@@ -76,6 +89,61 @@ def default_cache_dir() -> Path:
         return Path(os.environ[CACHE_ENV]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "lightning_fedseg" / "preprocessed"
+
+
+@dataclass(frozen=True)
+class AxialSlices:
+    """Reads axial slices of a cached, Fortran-ordered ``[..., Z]`` ``.npy`` file on demand.
+
+    A slice ``[..., z]`` of a Fortran-ordered array is one contiguous block, so reading it is one
+    ``os.pread`` between an open and a close: no file descriptor stays open between reads,
+    however many cases a dataset serves, and the page cache is used as a memory map would.
+
+    Attributes:
+        path: the ``.npy`` file.
+        offset: where the array data starts.
+        dtype: the element type.
+        shape: the array shape, last axis ``Z``.
+    """
+
+    path: Path
+    offset: int
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...]
+
+    @classmethod
+    def open(cls, path: Path) -> AxialSlices:
+        """Parse the ``.npy`` header of ``path`` (the only time its header is read).
+
+        Raises:
+            ValueError: the array is not Fortran-ordered (not written by this cache).
+        """
+        with path.open("rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran_order, dtype = read_header(handle)
+            offset = handle.tell()
+        if not fortran_order and len(shape) > 1:
+            raise ValueError(f"{path}: expected a Fortran-ordered array, as the cache writes them.")
+        return cls(path, offset, np.dtype(dtype), tuple(int(n) for n in shape))
+
+    def read(self, z: int) -> npt.NDArray[Any]:
+        """The slice ``[..., z]`` (Fortran-ordered, writable, a copy)."""
+        if not 0 <= z < self.shape[-1]:
+            raise IndexError(f"Slice {z} is outside 0..{self.shape[-1] - 1} of {self.path}.")
+        out = np.empty(self.shape[:-1], self.dtype, order="F")
+        nbytes = out.nbytes
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            flat: Any = out.reshape(-1, order="A")  # a view: the array is contiguous
+            got = os.preadv(fd, [memoryview(flat).cast("B")], self.offset + z * nbytes)
+        finally:
+            os.close(fd)
+        if got != nbytes:
+            raise OSError(f"{self.path} is truncated: slice {z} needs {nbytes} bytes, got {got}.")
+        return out
 
 
 @dataclass(frozen=True)
@@ -93,6 +161,9 @@ class CachedCase:
         labels_present: the distinct label values of the (uncropped) segmentation.
         reference_path: the first modality's NIfTI file (affine and header for predictions).
         seg_path: the segmentation file, if any (named in label errors).
+        spacing: voxel size in mm along X, Y, Z (of the reoriented volume when ``reoriented``).
+        reoriented: whether the arrays were reoriented to RAS.
+        outside_voxels: tumour voxels outside the crop (held in ``outside.npy``).
     """
 
     case_id: str
@@ -105,6 +176,9 @@ class CachedCase:
     labels_present: tuple[int, ...]
     reference_path: Path
     seg_path: Path | None
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    reoriented: bool = False
+    outside_voxels: int = 0
 
     @property
     def has_labels(self) -> bool:
@@ -126,9 +200,28 @@ class CachedCase:
             return None
         return np.load(self.directory / _LABELS, mmap_mode="r")
 
+    def image_slices(self) -> AxialSlices:
+        """A reader of the image's axial slices ``[C, x, y]`` that holds no file open."""
+        return AxialSlices.open(self.directory / _IMAGE)
+
+    def label_slices(self) -> AxialSlices | None:
+        """A reader of the label map's axial slices ``[x, y]``, or ``None`` without labels."""
+        return AxialSlices.open(self.directory / _LABELS) if self.has_labels else None
+
+    def full_labels(self) -> npt.NDArray[np.uint8] | None:
+        """The label map on the full, uncropped ``(X, Y, Z)`` grid (tumour outside the crop too)."""
+        labels = self.labels()
+        if labels is None:
+            return None
+        full = self.reference().uncrop(np.asarray(labels))
+        if self.outside_voxels:
+            rows = np.load(self.directory / _OUTSIDE).astype(np.intp)
+            full[rows[:, 0], rows[:, 1], rows[:, 2]] = rows[:, 3]
+        return full
+
     def reference(self) -> CaseReference:
         """Where predictions of this case go back to (see :class:`CaseReference`)."""
-        return CaseReference(self.reference_path, self.full_shape, self.crop)
+        return CaseReference(self.reference_path, self.full_shape, self.crop, self.spacing, self.reoriented)
 
     def slices(self, policy: SlicePolicy | str, seed: int = 0) -> npt.NDArray[np.int64]:
         """The z indices ``policy`` keeps (see :func:`select_slices`)."""
@@ -200,11 +293,14 @@ class VolumeCache:
             :func:`default_cache_dir`.
         modalities: the channels, in order.
         crop_size: the centre crop (``None``: 128 for 240-wide volumes, else none).
+        label_convention: the labels segmentations are validated against.
+        reorient: reorient every case to RAS before preprocessing (else a case whose third voxel
+            axis is not inferior-superior is refused).
 
     Example:
         >>> cache = VolumeCache("/tmp/cache", ["flair"], crop_size=32)
         >>> cache.settings()
-        {'version': 1, 'modalities': ['flair'], 'crop_size': 32}
+        {'version': 2, 'modalities': ['flair'], 'crop_size': 32, 'label_convention': 'brats', 'reorient': False}
     """
 
     def __init__(
@@ -212,6 +308,8 @@ class VolumeCache:
         cache_dir: Path | str | None = None,
         modalities: Sequence[Modality | str] = (Modality.FLAIR,),
         crop_size: int | None = None,
+        label_convention: LabelConvention | str = LabelConvention.BRATS,
+        reorient: bool = False,
     ) -> None:
         if not modalities:
             raise ValueError("Expected `modalities` to name at least one modality, but got none.")
@@ -220,6 +318,8 @@ class VolumeCache:
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.modalities = tuple(Modality(m) for m in modalities)
         self.crop_size = crop_size
+        self.label_convention = LabelConvention(label_convention)
+        self.reorient = bool(reorient)
 
     def settings(self) -> dict[str, Any]:
         """The preprocessing settings that enter every key."""
@@ -227,6 +327,8 @@ class VolumeCache:
             "version": CACHE_VERSION,
             "modalities": [m.value for m in self.modalities],
             "crop_size": self.crop_size,
+            "label_convention": self.label_convention.value,
+            "reorient": self.reorient,
         }
 
     def _sources(self, case: Case) -> list[Path]:
@@ -271,13 +373,15 @@ class VolumeCache:
         return self.lookup(case) or self.build(case)
 
     def build(self, case: Case) -> CachedCase:
-        """Read, preprocess and write ``case``; ``meta.json`` is written last.
+        """Check, read, preprocess and write ``case``; ``meta.json`` is written last.
 
         Raises:
+            BadCaseError: the case fails validation (nothing is written); the message names every
+                problem and file.
             ValueError: the volumes cannot be preprocessed; the message names the case folder.
         """
         directory = self.entry_dir(case)
-        loaded = load_case(case, self.modalities)
+        loaded = load_case(case, self.modalities, self.label_convention, self.reorient)
         labels_present: list[int] = []
         if loaded.seg is not None:
             labels_present = [int(v) for v in np.unique(loaded.seg)]
@@ -287,26 +391,38 @@ class VolumeCache:
             volume = preprocess_volume(loaded.image, loaded.seg, self.crop_size)
         except ValueError as err:
             raise ValueError(f"Cannot preprocess {case.case_id} in {case.folder}: {err}") from err
-        directory.mkdir(parents=True, exist_ok=True)
-        _save_npy(directory / _IMAGE, volume.image)
-        if volume.labels is not None:
-            _save_npy(directory / _LABELS, volume.labels)
-        meta = {
-            "key": directory.name.rsplit("-", 1)[-1],
-            "settings": self.settings(),
-            "case_id": case.case_id,
-            "image_shape": list(volume.image.shape),
-            "full_shape": list(volume.full_shape),
-            "crop": [[c.start, c.stop] for c in volume.crop],
-            "brain_slices": volume.brain_slices.astype(int).tolist(),
-            "tumour_slices": None if volume.tumour_slices is None else volume.tumour_slices.astype(int).tolist(),
-            "labels_present": labels_present,
-            "reference_path": str(self._sources(case)[0]),
-            "seg_path": None if case.seg is None else str(case.seg),
-            "has_labels": volume.labels is not None,
-        }
-        _write_json(directory / _META, meta)
-        _fsync_dir(directory)
+        outside = None if loaded.seg is None else _outside_crop(loaded.seg, volume.crop)
+        created = not directory.exists()
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            _save_npy(directory / _IMAGE, volume.image)
+            if volume.labels is not None:
+                _save_npy(directory / _LABELS, volume.labels)
+            if outside is not None and len(outside):
+                _save_npy(directory / _OUTSIDE, outside)
+            meta = {
+                "key": directory.name.rsplit("-", 1)[-1],
+                "settings": self.settings(),
+                "case_id": case.case_id,
+                "image_shape": list(volume.image.shape),
+                "full_shape": list(volume.full_shape),
+                "crop": [[c.start, c.stop] for c in volume.crop],
+                "spacing": list(loaded.spacing),
+                "reoriented": loaded.reoriented,
+                "outside_voxels": 0 if outside is None else len(outside),
+                "brain_slices": volume.brain_slices.astype(int).tolist(),
+                "tumour_slices": None if volume.tumour_slices is None else volume.tumour_slices.astype(int).tolist(),
+                "labels_present": labels_present,
+                "reference_path": str(self._sources(case)[0]),
+                "seg_path": None if case.seg is None else str(case.seg),
+                "has_labels": volume.labels is not None,
+            }
+            _write_json(directory / _META, meta)
+            _fsync_dir(directory)
+        except BaseException:
+            if created:  # leave nothing half-written
+                shutil.rmtree(directory, ignore_errors=True)
+            raise
         return _from_meta(directory, meta)
 
     def reference(self, case: Case) -> CaseReference:
@@ -315,12 +431,18 @@ class VolumeCache:
         if cached is not None:
             return cached.reference()
         path = self._sources(case)[0]
-        shape = tuple(int(s) for s in _open_nifti(path).shape)
+        image = _open_nifti(path)
+        shape = tuple(int(s) for s in image.shape)
         if len(shape) != 3:
             raise ValueError(f"Expected a 3D volume in {path}, but its shape is {shape}.")
+        affine = np.asarray(image.affine, dtype=np.float64)
+        if self.reorient:  # the shape and spacing of the reoriented grid, from the header alone
+            canonical, affine = to_canonical(np.empty(shape, dtype=bool), affine)
+            shape = canonical.shape
         full_shape = (shape[0], shape[1], shape[2])
         size = resolve_crop_size(self.crop_size, (shape[0], shape[1]))
-        return CaseReference(path, full_shape, centre_crop_slices((shape[0], shape[1]), size))
+        crop = centre_crop_slices((shape[0], shape[1]), size)
+        return CaseReference(path, full_shape, crop, voxel_spacing(affine), self.reorient)
 
     def tumour_volume(self, case: Case) -> int:
         """Number of non-zero segmentation voxels of ``case``, remembered in a small file.
@@ -347,6 +469,14 @@ def _open_nifti(path: Path) -> SpatialImage:
     return cast(SpatialImage, nib.load(path))
 
 
+def _outside_crop(seg: npt.NDArray[np.integer], crop: tuple[slice, slice]) -> npt.NDArray[np.int16]:
+    """Rows ``(x, y, z, label)`` of the non-zero labels outside the in-plane crop."""
+    outside = seg != 0
+    outside[crop[0], crop[1], :] = False
+    coords = np.nonzero(outside)
+    return np.stack([*coords, seg[coords]], axis=1).astype(np.int16)
+
+
 def _from_meta(directory: Path, meta: dict[str, Any]) -> CachedCase:
     (x0, x1), (y0, y1) = meta["crop"]
     tumour = meta["tumour_slices"]
@@ -361,4 +491,7 @@ def _from_meta(directory: Path, meta: dict[str, Any]) -> CachedCase:
         labels_present=tuple(meta["labels_present"]),
         reference_path=Path(meta["reference_path"]),
         seg_path=None if meta["seg_path"] is None else Path(meta["seg_path"]),
+        spacing=tuple(meta["spacing"]),
+        reoriented=bool(meta["reoriented"]),
+        outside_voxels=int(meta["outside_voxels"]),
     )

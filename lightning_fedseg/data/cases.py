@@ -11,15 +11,15 @@ fets       ``<ID>_brain_{flair,t1,t1ce,t2}``      ``<ID>_final_seg``
 brats2023  ``<ID>-{t2f,t1n,t1c,t2w}``             ``<ID>-seg``
 ========== ====================================== ===========================
 
-Discovery only looks at file names and never fails on a missing file; :func:`validate_cases`
-opens every file and reports every problem of every case at once, so a user fixes a dataset in
-one pass instead of one error per run.
+Discovery only looks at file names and never fails on a missing file;
+:mod:`lightning_fedseg.data.validation` opens the files, reports every problem of every case at
+once and reads the checked arrays (:func:`~lightning_fedseg.data.validation.load_case`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -29,20 +29,15 @@ import nibabel as nib
 import numpy as np
 import numpy.typing as npt
 
-from lightning_fedseg.data.conventions import MODALITIES, LabelConvention, Modality
+from lightning_fedseg.data.conventions import MODALITIES, Modality
 
 __all__ = [
     "NIFTI_SUFFIXES",
     "Case",
     "CaseNaming",
     "CaseReference",
-    "CheckReport",
     "LoadedCase",
-    "Problem",
-    "check_dataset",
     "discover_cases",
-    "load_case",
-    "validate_cases",
 ]
 
 NIFTI_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
@@ -123,17 +118,21 @@ class Case:
 
 @dataclass(frozen=True)
 class CaseReference:
-    """What is needed to write a prediction back into a case's original image space.
+    """What is needed to score a prediction on, and write it back into, a case's original grid.
 
     Attributes:
         reference_path: a modality NIfTI of the case; its affine and header are copied.
-        full_shape: ``(X, Y, Z)`` of the original volume.
-        crop: the X and Y slices the centre crop took from the original volume.
+        full_shape: ``(X, Y, Z)`` of the volume the model saw (after reorientation, if any).
+        crop: the X and Y slices the centre crop took from that volume.
+        spacing: voxel size in mm along X, Y, Z of that volume (HD95 is in mm).
+        reoriented: whether the volume was reoriented to RAS (the writer restores the original).
     """
 
     reference_path: Path
     full_shape: tuple[int, int, int]
     crop: tuple[slice, slice]
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    reoriented: bool = False
 
     def uncrop(self, volume: npt.NDArray[Any], fill: float = 0) -> npt.NDArray[Any]:
         """Place a cropped ``(..., x, y, Z)`` volume back into the full ``(..., X, Y, Z)`` grid.
@@ -157,8 +156,11 @@ class LoadedCase:
         image: float32 array ``[C, X, Y, Z]``, channels in the requested modality order.
         seg: integer label map ``[X, Y, Z]`` (uint8, or int16 for labels outside 0..255), or
             ``None`` when the case has no segmentation.
-        affine: the 4x4 voxel-to-world matrix of the first modality (float64).
-        header: the NIfTI header of the first modality.
+        affine: the 4x4 voxel-to-world matrix of the arrays (float64): the first modality's,
+            or its reoriented version when ``reoriented``.
+        header: the NIfTI header of the first modality (as stored).
+        spacing: voxel size in mm along the arrays' X, Y, Z.
+        reoriented: whether the arrays were reoriented to RAS.
     """
 
     case_id: str
@@ -166,63 +168,8 @@ class LoadedCase:
     seg: npt.NDArray[np.integer] | None
     affine: npt.NDArray[np.float64]
     header: nib.nifti1.Nifti1Header
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with a case: which case, which file (or folder), and what."""
-
-    case_id: str
-    path: Path
-    message: str
-
-
-@dataclass
-class CheckReport:
-    """Every problem found in a set of cases.
-
-    Attributes:
-        problems: all problems, case by case, in the order found.
-        num_cases: how many cases were checked.
-        root: the dataset folder, used to print paths relative to it.
-    """
-
-    problems: list[Problem] = field(default_factory=list)
-    num_cases: int = 0
-    root: Path | None = None
-
-    @property
-    def ok(self) -> bool:
-        """Whether no problem was found (an empty dataset is not ok)."""
-        return not self.problems and self.num_cases > 0
-
-    @property
-    def bad_case_ids(self) -> list[str]:
-        """The ids of cases with at least one problem, in order of first appearance."""
-        return list(dict.fromkeys(p.case_id for p in self.problems if p.case_id))
-
-    def format(self) -> str:
-        """A human-readable report, one line per problem, grouped by case."""
-        where = f" under {self.root}" if self.root is not None else ""
-        if self.ok:
-            return f"Checked {self.num_cases} cases{where}: all OK."
-        lines = [
-            f"Checked {self.num_cases} cases{where}: {len(self.problems)} problem(s) in "
-            f"{len(self.bad_case_ids)} case(s)."
-        ]
-        current: str | None = None
-        for problem in self.problems:
-            if problem.case_id != current:
-                current = problem.case_id
-                lines.append(f"{current or '(dataset)'}:")
-            lines.append(f"  {self._display(problem.path)}: {problem.message}")
-        return "\n".join(lines)
-
-    def _display(self, path: Path) -> str:
-        shown = str(path)
-        if self.root is not None and path != self.root and path.is_relative_to(self.root):
-            shown = str(path.relative_to(self.root))
-        return shown + "/" if path.is_dir() else shown
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    reoriented: bool = False
 
 
 def _find(folder_files: set[str], folder: Path, stem: str) -> Path | None:
@@ -304,173 +251,6 @@ def discover_cases(
     return sorted(cases, key=lambda c: c.case_id)
 
 
-def _label_values(seg: npt.NDArray[Any]) -> tuple[list[int], bool]:
-    """Distinct values of a label map and whether they were all integers."""
-    if np.issubdtype(seg.dtype, np.floating):
-        rounded = np.rint(seg)
-        integral = bool(np.array_equal(rounded, seg))
-        seg = rounded
-    else:
-        integral = True
-    if seg.size and seg.min() >= 0 and seg.max() < 1024:
-        counts = np.bincount(seg.astype(np.intp, copy=False).ravel())
-        return np.flatnonzero(counts).tolist(), integral
-    return [int(v) for v in np.unique(seg)], integral
-
-
-def _check_case(
-    case: Case,
-    modalities: Sequence[Modality],
-    convention: LabelConvention,
-    require_seg: bool,
-    affine_atol: float,
-) -> list[Problem]:
-    problems: list[Problem] = []
-
-    def report(path: Path, message: str) -> None:
-        problems.append(Problem(case.case_id, path, message))
-
-    present = []
-    if case.folder.is_dir():
-        present = sorted(n for n in os.listdir(case.folder) if _is_nifti(n))
-    files: list[tuple[str, Path]] = []
-    for modality in modalities:
-        path = case.images.get(modality)
-        if path is None:
-            expected = " or ".join(case.expected_image_names(modality))
-            report(
-                case.folder,
-                f"missing {modality.value} image: expected {expected}; NIfTI files present: "
-                f"{', '.join(present) or 'none'}.",
-            )
-        else:
-            files.append((modality.value, path))
-    if case.seg is not None:
-        files.append(("seg", case.seg))
-    elif require_seg:
-        expected = " or ".join(case.expected_seg_names())
-        report(case.folder, f"missing segmentation: expected {expected}.")
-
-    reference: tuple[str, tuple[int, ...], npt.NDArray[np.float64]] | None = None
-    for name, path in files:
-        try:
-            img = _load_nifti(path)
-        except (OSError, ValueError) as err:
-            report(path, str(err))
-            continue
-        shape = tuple(int(s) for s in img.shape)
-        if len(shape) != 3:
-            report(path, f"expected a 3D volume, but its shape is {shape}.")
-            continue
-        affine = np.asarray(img.affine, dtype=np.float64)
-        if reference is None:
-            reference = (name, shape, affine)
-        else:
-            ref_name, ref_shape, ref_affine = reference
-            if shape != ref_shape:
-                report(path, f"shape {shape} differs from the {ref_name} image's {ref_shape}.")
-            if not np.allclose(affine, ref_affine, atol=affine_atol, rtol=0):
-                delta = float(np.abs(affine - ref_affine).max())
-                report(
-                    path,
-                    f"affine differs from the {ref_name} image's by up to {delta:.4g} "
-                    f"(tolerance {affine_atol:g}); the volumes are not co-registered.",
-                )
-        try:
-            data = np.asanyarray(img.dataobj)
-        except Exception as err:
-            report(path, f"voxel data cannot be read: {err}")
-            continue
-        if np.issubdtype(data.dtype, np.floating):
-            bad = int(data.size - np.count_nonzero(np.isfinite(data)))
-            if bad:
-                report(path, f"{bad} voxel(s) are NaN or infinite.")
-                if name == "seg":
-                    continue
-        if name == "seg":
-            labels, integral = _label_values(data)
-            if not integral:
-                report(path, "segmentation holds non-integer values.")
-            invalid = sorted(set(labels) - convention.valid_labels)
-            if invalid:
-                message = (
-                    f"labels {invalid} are not valid under --label_convention {convention.value} "
-                    f"(valid: {sorted(convention.valid_labels)}; found {labels})."
-                )
-                if convention is LabelConvention.BRATS and set(labels) <= {0, 1, 2, 3}:
-                    message += (
-                        " HINT: label 3 marks enhancing tumor from BraTS 2023 on; pass `--label_convention brats2023`."
-                    )
-                report(path, message)
-    return problems
-
-
-def validate_cases(
-    cases: Iterable[Case],
-    modalities: Sequence[Modality | str] = MODALITIES,
-    convention: LabelConvention | str = LabelConvention.BRATS,
-    require_seg: bool = True,
-    affine_atol: float = 1e-3,
-) -> CheckReport:
-    """Open every file of every case and report everything that is wrong.
-
-    Checks that each requested modality (and the segmentation when ``require_seg``) exists, can
-    be read, is 3D, has the same shape and affine (within ``affine_atol``) as the case's other
-    files, holds only finite values, and that segmentation labels are valid under ``convention``.
-    Never stops at the first problem.
-
-    Args:
-        cases: cases from :func:`discover_cases`.
-        modalities: the sequences that must be present.
-        convention: the label convention segmentations must follow.
-        require_seg: whether a missing segmentation is a problem.
-        affine_atol: largest absolute difference allowed between affine entries.
-
-    Returns:
-        The report; ``report.ok`` is true when nothing was found.
-    """
-    wanted = [Modality(m) for m in modalities]
-    convention = LabelConvention(convention)
-    if affine_atol < 0:
-        raise ValueError(f"Expected `affine_atol` to be non-negative, but got {affine_atol}.")
-    report = CheckReport()
-    for case in cases:
-        report.num_cases += 1
-        report.problems.extend(_check_case(case, wanted, convention, require_seg, affine_atol))
-    return report
-
-
-def check_dataset(
-    root: Path | str,
-    modalities: Sequence[Modality | str] = MODALITIES,
-    convention: LabelConvention | str = LabelConvention.BRATS,
-    require_seg: bool = True,
-) -> CheckReport:
-    """Discover and validate a dataset folder; problems are reported, never raised.
-
-    Backs ``lightning-fedseg data check ROOT``. A missing ``root`` or one without case folders is
-    itself reported as a problem.
-
-    Args:
-        root: the dataset folder.
-        modalities: the sequences that must be present.
-        convention: the label convention segmentations must follow.
-        require_seg: whether a missing segmentation is a problem.
-
-    Returns:
-        The report, with ``root`` set so paths print relative to it.
-    """
-    root = Path(root)
-    convention = LabelConvention(convention)
-    try:
-        cases = discover_cases(root, modalities, require_seg=require_seg)
-    except FileNotFoundError as err:
-        return CheckReport([Problem("", root, str(err))], num_cases=0, root=root)
-    report = validate_cases(cases, modalities, convention, require_seg)
-    report.root = root
-    return report
-
-
 def _load_nifti(path: Path) -> nib.Nifti1Image:
     """Open a NIfTI header (voxel data stays on disk); errors name the file."""
     try:
@@ -480,65 +260,3 @@ def _load_nifti(path: Path) -> nib.Nifti1Image:
     if not isinstance(img, nib.Nifti1Image):
         raise ValueError(f"is a {type(img).__name__}, not a NIfTI-1/2 image.")
     return img
-
-
-def _read_volume(path: Path, dtype: type[np.generic] | None) -> tuple[nib.Nifti1Image, npt.NDArray[Any]]:
-    try:
-        img = _load_nifti(path)
-        data = np.asanyarray(img.dataobj)
-    except Exception as err:
-        raise OSError(f"Cannot read {path}: {err}") from err
-    if data.ndim != 3:
-        raise ValueError(f"Expected a 3D volume in {path}, but its shape is {data.shape}.")
-    return img, data if dtype is None else data.astype(dtype, copy=False)
-
-
-def load_case(case: Case, modalities: Sequence[Modality | str] = MODALITIES) -> LoadedCase:
-    """Read the images (and segmentation, when present) of one case.
-
-    Args:
-        case: a case from :func:`discover_cases`.
-        modalities: the channels to read, in order.
-
-    Returns:
-        The arrays, with the affine and header of the first modality.
-
-    Raises:
-        FileNotFoundError: a requested modality is missing.
-        ValueError: a file is not 3D or its shape differs from the first modality's.
-        OSError: a file cannot be read.
-    """
-    wanted = [Modality(m) for m in modalities]
-    if not wanted:
-        raise ValueError("Expected `modalities` to name at least one modality, but got none.")
-    paths: list[Path] = []
-    for modality in wanted:
-        path = case.images.get(modality)
-        if path is None:
-            expected = " or ".join(case.expected_image_names(modality))
-            raise FileNotFoundError(
-                f"Case {case.case_id} has no {modality.value} image: expected {expected} in {case.folder}."
-            )
-        paths.append(path)
-    first, first_data = _read_volume(paths[0], np.float32)
-    channels = [first_data]
-    for path in paths[1:]:
-        _, data = _read_volume(path, np.float32)
-        if data.shape != first_data.shape:
-            raise ValueError(f"Shape {data.shape} of {path} differs from {first_data.shape} of {paths[0]}.")
-        channels.append(data)
-    seg: npt.NDArray[np.integer] | None = None
-    if case.seg is not None:
-        _, raw = _read_volume(case.seg, None)
-        if raw.shape != channels[0].shape:
-            raise ValueError(f"Shape {raw.shape} of {case.seg} differs from {first_data.shape} of {paths[0]}.")
-        labels = np.rint(raw) if np.issubdtype(raw.dtype, np.floating) else raw
-        fits_uint8 = labels.size == 0 or (labels.min() >= 0 and labels.max() <= 255)
-        seg = labels.astype(np.uint8 if fits_uint8 else np.int16)
-    return LoadedCase(
-        case_id=case.case_id,
-        image=np.stack(channels),
-        seg=seg,
-        affine=np.asarray(first.affine, dtype=np.float64),
-        header=first.header,
-    )

@@ -21,6 +21,7 @@ __all__ = [
     "Region",
     "Target",
     "labels_to_regions",
+    "nest_regions",
     "regions_to_labels",
 ]
 
@@ -99,6 +100,25 @@ def labels_to_regions(
         Region.ET: labels == et,
     }
     return np.stack([masks[r] for r in Target(target).regions])
+
+
+def nest_regions(regions: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    """Enforce the nesting ET inside TC inside WT on stacked region masks ``[K, ...]``.
+
+    The same masks as ``labels_to_regions(regions_to_labels(regions))``: what a written BraTS
+    label map holds. A single WT channel is returned unchanged.
+
+    Example:
+        >>> nest_regions(np.array([[0, 1, 1], [1, 1, 0], [1, 1, 1]], bool)).astype(int).tolist()
+        [[0, 1, 1], [0, 1, 0], [0, 1, 0]]
+    """
+    if regions.shape[0] == 1:
+        return regions
+    if regions.shape[0] != 3:
+        raise ValueError(f"Expected 1 (WT) or 3 (WT, TC, ET) region channels, got {regions.shape[0]}.")
+    wt = regions[0]
+    tc = wt & regions[1]
+    return np.stack([wt, tc, tc & regions[2]])
 
 
 def regions_to_labels(

@@ -11,8 +11,12 @@ dicts ``image`` ``[B, C, H, W]`` float32, ``target`` ``[B, K, H, W]`` float32 in
 ``case_id`` list of str, ``slice_index`` and ``num_slices`` int64 ``[B]``. Validation, test and
 predict loaders yield every slice of each case, case by case, z ascending.
 
-``setup`` only splits subjects (from file names); a case is preprocessed into the cache the
-first time one of its loaders or counts is asked for. With ``sites=[...]`` or
+``setup`` only splits subjects (from file names); a case is validated and preprocessed into the
+cache the first time one of its loaders or counts is asked for (for ``fit``, before the first
+training step: Lightning asks for every loader of the round up front). A case that fails
+validation stops the run with every problem of every bad case of that request named, unless
+``skip_bad_cases`` leaves them out with a warning. The pooled ``train_dataloader`` is lazy: the
+federated modes replace it with their own site loaders, so only ``cds`` ever materializes it. With ``sites=[...]`` or
 :meth:`FederatedDataModule.restrict_sites` a process materializes only those sites (one rank
 per site under torch.distributed): other sites' volumes are never read, so ``site_num_samples``
 and the site loaders are available for the process's own sites only (``site_num_subjects``
@@ -23,6 +27,7 @@ for any site), and ``val_dataloader`` / ``val_loader_names`` / ``train_dataloade
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from enum import StrEnum
@@ -31,15 +36,15 @@ from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
-import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from lightning_fedseg._validation import check_int
 from lightning_fedseg.data.cache import CachedCase, VolumeCache
 from lightning_fedseg.data.cases import Case, CaseReference, discover_cases
 from lightning_fedseg.data.conventions import (
+    MODALITIES,
     LabelConvention,
     Modality,
     Target,
@@ -48,6 +53,7 @@ from lightning_fedseg.data.conventions import (
 from lightning_fedseg.data.partition import (
     PAPER_HELDOUT_FRACTION,
     PAPER_SIMULATED_HELDOUT,
+    DuplicateSubjectsError,
     Partition,
     dirichlet_split,
     paper_split,
@@ -57,7 +63,14 @@ from lightning_fedseg.data.partition import (
     simulated_split,
 )
 from lightning_fedseg.data.preprocess import SlicePolicy
+from lightning_fedseg.data.slices import (
+    DeferredDistributedSampler,
+    DeferredRandomSampler,
+    LazySliceDataset,
+    SliceDataset,
+)
 from lightning_fedseg.data.synthetic import DEFAULT_SHAPE, PARTITION_NAME, ensure_synthetic_dataset
+from lightning_fedseg.data.validation import BadCaseError, CheckReport
 
 __all__ = ["FederatedDataModule", "PartitionMode", "SliceDataset"]
 
@@ -80,78 +93,6 @@ class PartitionMode(StrEnum):
     SIMULATED = "simulated"
     FETS = "fets"
     DIRICHLET = "dirichlet"
-
-
-class SliceDataset(Dataset[Batch]):
-    """Axial slices of cached volumes, case by case in the given order, z as given.
-
-    Memory maps are opened lazily in the process that reads them (never pickled to workers).
-
-    Args:
-        cases: the cached cases.
-        slices: the z indices to serve of each case.
-        target: whole tumour (1 channel) or the three regions.
-        convention: which label marks enhancing tumour.
-        with_target: whether samples carry a ``target`` (every case then needs labels).
-    """
-
-    def __init__(
-        self,
-        cases: Sequence[CachedCase],
-        slices: Sequence[npt.NDArray[np.int64]],
-        target: Target | str = Target.WT,
-        convention: LabelConvention | str = LabelConvention.BRATS,
-        with_target: bool = True,
-    ) -> None:
-        if len(cases) != len(slices):
-            raise ValueError(f"Expected one slice list per case, got {len(slices)} for {len(cases)}.")
-        unlabeled = [c.case_id for c in cases if not c.has_labels]
-        if with_target and unlabeled:
-            raise ValueError(f"Cases without a segmentation cannot give targets: {unlabeled}.")
-        self.cases = list(cases)
-        self.target = Target(target)
-        self.convention = LabelConvention(convention)
-        self.with_target = with_target
-        counts = [len(s) for s in slices]
-        self.case_index = np.repeat(np.arange(len(self.cases)), counts)
-        self.z_index = np.concatenate([np.asarray(s, np.int64) for s in slices]) if slices else np.zeros(0, np.int64)
-        self._counts = counts
-        # Region masks of every possible uint8 label, so a slice's target is one table lookup.
-        self._regions = labels_to_regions(np.arange(256), self.target, self.convention)
-        self._open: dict[int, tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8] | None]] = {}
-
-    def __len__(self) -> int:
-        return len(self.z_index)
-
-    @property
-    def num_slices(self) -> dict[str, int]:
-        """Slices served of each case."""
-        return {c.case_id: n for c, n in zip(self.cases, self._counts, strict=True)}
-
-    def _arrays(self, i: int) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8] | None]:
-        if i not in self._open:
-            case = self.cases[i]
-            self._open[i] = (case.image(), case.labels() if self.with_target else None)
-        return self._open[i]
-
-    def __getitem__(self, index: int) -> Batch:
-        i, z = int(self.case_index[index]), int(self.z_index[index])
-        image, labels = self._arrays(i)
-        sample: Batch = {
-            "image": torch.from_numpy(np.array(image[..., z], dtype=np.float32, order="C")),
-            "case_id": self.cases[i].case_id,
-            "slice_index": z,
-            "num_slices": self._counts[i],
-        }
-        if labels is not None:
-            regions = self._regions[:, np.asarray(labels[..., z])]
-            sample["target"] = torch.from_numpy(regions.astype(np.float32))
-        return sample
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_open"] = {}
-        return state
 
 
 def _choice(enum: type[StrEnum], value: Any, name: str) -> Any:
@@ -195,6 +136,12 @@ class FederatedDataModule(LightningDataModule):
         predict_root: a folder of cases to predict (no segmentation needed); ``None`` predicts
             the held-out cases.
         sites: materialize only these sites in this process (one rank per site).
+        skip_bad_cases: leave out cases that fail validation, with a warning listing them,
+            instead of stopping with their report.
+        reorient: reorient every case to RAS before slicing (recorded in the cache key; the
+            prediction writer restores each file's own orientation). Without it a case whose
+            third voxel axis is not inferior-superior is refused.
+
 
     Example:
         >>> dm = FederatedDataModule(data_root="/data/brats", partition="simulated", num_sites=4)
@@ -225,6 +172,8 @@ class FederatedDataModule(LightningDataModule):
         synthetic_seed: int = 0,
         predict_root: str | None = None,
         sites: list[str] | None = None,
+        skip_bad_cases: bool = False,
+        reorient: bool = False,
     ) -> None:
         mode: PartitionMode = _choice(PartitionMode, partition, "partition")
         target_: Target = _choice(Target, target, "target")
@@ -289,7 +238,10 @@ class FederatedDataModule(LightningDataModule):
         self.synthetic_seed = synthetic_seed
         self.predict_root = predict_root
         self.sites = None if sites is None else list(sites)
-        self.cache = VolumeCache(cache_dir, self.modalities, crop_size)
+        self.skip_bad_cases = bool(skip_bad_cases)
+        self.reorient = bool(reorient)
+        self.cache = VolumeCache(cache_dir, self.modalities, crop_size, convention, self.reorient)
+        self.skipped_cases: dict[str, CheckReport] = {}
         self._root: Path | None = None
         self._cases: dict[str, Case] = {}
         self._partition: Partition | None = None
@@ -297,6 +249,11 @@ class FederatedDataModule(LightningDataModule):
         self._cached: dict[tuple[str, str], CachedCase] = {}
 
     # ------------------------------------------------------------------ partition
+    @property
+    def _discovered_modalities(self) -> list[Modality]:
+        """Every sequence, so validation sees all files of a case (the odd one out among them)."""
+        return list(dict.fromkeys([*self.modalities, *MODALITIES]))
+
     @property
     def in_channels(self) -> int:
         """Number of input channels (modalities)."""
@@ -355,7 +312,7 @@ class FederatedDataModule(LightningDataModule):
 
     def _make_partition(self) -> Partition:
         root = self.root
-        cases = discover_cases(root, self.modalities, require_seg=True)
+        cases = discover_cases(root, self._discovered_modalities, require_seg=True)
         self._cases = {c.case_id: c for c in cases}
         subjects = sorted(self._cases)
         mode = self.partition_mode
@@ -371,10 +328,18 @@ class FederatedDataModule(LightningDataModule):
                 return self._checked(partition)
             else:
                 mode = PartitionMode.PAPER
+        if mode is PartitionMode.PAPER:
+            self._warn_paper_split(root)
         if mode is PartitionMode.FETS:
             assert self.partition_csv is not None
             csv_path = Path(self.partition_csv).expanduser()
-            partition = read_fets_csv(csv_path, self.val_fraction, self.seed, self._heldout(0))
+            try:
+                partition = read_fets_csv(csv_path, self.val_fraction, self.seed, self._heldout(0))
+            except DuplicateSubjectsError as err:  # name the subjects missing on disk in the same message
+                missing = [s for s in err.subjects if s not in self._cases]
+                if not missing:
+                    raise
+                raise ValueError(f"{err} {self._missing_message(missing, csv_path)}") from None
             self._check_known({s: "" for s in _all_subjects(partition)}, csv_path)
         elif mode is PartitionMode.PAPER:
             fraction = self._fraction(self._heldout(PAPER_HELDOUT_FRACTION), len(subjects))
@@ -400,6 +365,14 @@ class FederatedDataModule(LightningDataModule):
             )
         return self._checked(partition)
 
+    def _warn_paper_split(self, root: Path) -> None:
+        message = (
+            f"partition='paper' on {root}: subjects are split at random into 10 sites with the paper's relative "
+            "sizes (70, 27, 17, 12, 11, 9, 6, 6, 4, 3); this is not the paper's split by institution, which is "
+            "not published per subject. HINT: pass a FeTS partition CSV (`partition_csv`) to split by institution."
+        )
+        warnings.warn(message, UserWarning, stacklevel=3)
+
     @staticmethod
     def _fraction(value: int | float, total: int) -> float:
         return value if isinstance(value, float) else min(value / max(total, 1), 0.999999)
@@ -407,11 +380,14 @@ class FederatedDataModule(LightningDataModule):
     def _check_known(self, assignment: dict[str, str], csv_path: Path) -> None:
         missing = sorted(s for s in assignment if s not in self._cases)
         if missing:
-            shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
-            raise ValueError(f"{csv_path}: {len(missing)} subject(s) have no case folder under {self.root}: {shown}.")
+            raise ValueError(self._missing_message(missing, csv_path))
         extra = len(self._cases) - len(assignment)
         if extra > 0:
             log.warning("%d case(s) under %s are not in %s; ignored.", extra, self.root, csv_path)
+
+    def _missing_message(self, missing: Sequence[str], csv_path: Path) -> str:
+        shown = ", ".join(sorted(missing)[:10]) + (" ..." if len(missing) > 10 else "")
+        return f"{csv_path}: {len(missing)} subject(s) have no case folder under {self.root}: {shown}."
 
     def _checked(self, partition: Partition) -> Partition:
         incomplete = []
@@ -472,30 +448,61 @@ class FederatedDataModule(LightningDataModule):
             if self.predict_root is None:
                 self._predict_cases = {c.case_id: c for c in self._heldout_subjects()}
             else:
-                found = discover_cases(self.predict_root, self.modalities, require_seg=False)
+                found = discover_cases(self.predict_root, self._discovered_modalities, require_seg=False)
                 self._predict_cases = {c.case_id: c for c in found}
         return self._predict_cases
 
     def _cache_cases(self, cases: Sequence[Case], group: str = "train") -> list[CachedCase]:
-        todo = [c for c in cases if (group, c.case_id) not in self._cached]
-        found = {c.case_id: self.cache.lookup(c) for c in todo}
+        """The cache entries of ``cases`` (validating and building the missing ones).
+
+        Raises:
+            BadCaseError: some cases fail validation and ``skip_bad_cases`` is off; the report
+                names every problem of every such case.
+        """
+        todo = [c for c in cases if (group, c.case_id) not in self._cached and c.case_id not in self.skipped_cases]
+        found: dict[str, CachedCase | BadCaseError | None] = {c.case_id: self.cache.lookup(c) for c in todo}
         missing = [c for c in todo if found[c.case_id] is None]
         if missing:
             rank_zero_info(
-                f"Preprocessing {len(missing)} case(s) into {self.cache.cache_dir} "
+                f"Checking and preprocessing {len(missing)} case(s) into {self.cache.cache_dir} "
                 "(NIfTI is decoded once; later epochs and runs read the cache)."
             )
             threads = min(len(missing), max(1, self.num_workers))
             with ThreadPoolExecutor(threads) as pool:
-                built = pool.map(self.cache.build, missing)
+                built = pool.map(self._build_or_report, missing)
                 found.update({c.case_id: e for c, e in zip(missing, built, strict=True)})
+        bad = [entry for entry in found.values() if isinstance(entry, BadCaseError)]
+        if bad:
+            report = CheckReport([p for err in bad for p in err.report.problems], len(bad), self.root)
+            if not self.skip_bad_cases:
+                raise BadCaseError(
+                    report,
+                    f"fix these files (`lightning-fedseg data check {self.root}` lists every bad case), "
+                    "or set `skip_bad_cases: true` to leave them out.",
+                )
+            for case_id in report.bad_case_ids:
+                self.skipped_cases[case_id] = CheckReport(
+                    [p for p in report.problems if p.case_id == case_id], 1, self.root
+                )
+            warnings.warn(
+                f"skip_bad_cases: leaving out {len(report.bad_case_ids)} case(s) that fail validation: "
+                f"{', '.join(report.bad_case_ids)}.\n{report.format()}",
+                UserWarning,
+                stacklevel=2,
+            )
         for case in todo:
             entry = found[case.case_id]
-            assert entry is not None
-            if entry.has_labels:
-                entry.check_labels(self.label_convention)
-            self._cached[(group, case.case_id)] = entry
-        return [self._cached[(group, c.case_id)] for c in cases]
+            if isinstance(entry, CachedCase):
+                if entry.has_labels:
+                    entry.check_labels(self.label_convention)
+                self._cached[(group, case.case_id)] = entry
+        return [self._cached[(group, c.case_id)] for c in cases if c.case_id not in self.skipped_cases]
+
+    def _build_or_report(self, case: Case) -> CachedCase | BadCaseError:
+        try:
+            return self.cache.build(case)
+        except BadCaseError as err:
+            return err
 
     # ------------------------------------------------------------------ datasets
     def _require_local(self, site: str) -> None:
@@ -563,9 +570,53 @@ class FederatedDataModule(LightningDataModule):
         return int(sum(len(c.slices(self.slice_policy, self.seed)) for c in cached))
 
     def train_dataloader(self) -> DataLoader[Batch]:
-        """Shuffled training slices pooled over this process's sites (centralized training)."""
+        """Shuffled training slices pooled over this process's sites (centralized training).
+
+        Lightning calls this once at the start of ``fit`` in every mode, after the strategy has
+        restricted the sites, so this is where the fit's cases are checked: the training cases of
+        the sites that will train here and the validation cases of this process's sites are
+        validated and cached now, and a bad case stops the run before the first step (see
+        :meth:`_cache_cases`). The loader itself is lazy (nothing is read until its length or a
+        batch is asked for): the federated modes replace it with their sites' own loaders, so
+        ``single`` never preprocesses the other sites' training cases.
+        """
+        if self._trainer_fitting():
+            self._cache_cases(
+                self._site_subjects(self._training_sites(), "train") + self._site_subjects(self.local_site_names, "val")
+            )
         cases = self._site_subjects(self.local_site_names, "train")
-        return self._loader(self._dataset(cases, "train", True), shuffle=True, persistent=True)
+        dataset = LazySliceDataset(lambda: self._dataset(cases, "train", True))
+        kwargs = self._distributed_sampler_kwargs()
+        sampler = DeferredRandomSampler(dataset) if kwargs is None else DeferredDistributedSampler(dataset, **kwargs)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def _trainer_fitting(self) -> bool:
+        trainer = self.trainer
+        return trainer is not None and bool(getattr(getattr(trainer, "state", None), "fn", None) == "fit")
+
+    def _training_sites(self) -> list[str]:
+        """The local sites that train in this fit: one for a ``single`` strategy mode, else all."""
+        mode = getattr(getattr(self.trainer, "strategy", None), "mode", None)
+        site = getattr(mode, "site", None)
+        if getattr(mode, "name", None) == "single" and site in self.local_site_names:
+            return [str(site)]
+        return self.local_site_names
+
+    def _distributed_sampler_kwargs(self) -> dict[str, Any] | None:
+        """What Lightning would give the ``DistributedSampler`` it injects, or ``None`` if it would not."""
+        trainer = self.trainer
+        connector = getattr(trainer, "_accelerator_connector", None)
+        if trainer is None or trainer.distributed_sampler_kwargs is None:
+            return None
+        if not (getattr(connector, "use_distributed_sampler", True) and getattr(connector, "is_distributed", False)):
+            return None
+        return dict(trainer.distributed_sampler_kwargs)
 
     def val_dataloader(self) -> list[DataLoader[Batch]]:
         """One ordered loader per site of :attr:`val_loader_names`.
@@ -615,6 +666,24 @@ class FederatedDataModule(LightningDataModule):
                 cached = self._cached.get((group, case_id))
                 return cached.reference() if cached else self.cache.reference(cases[case_id])
         raise KeyError(f"Unknown case {case_id!r}.")
+
+    def full_target(self, case_id: str) -> npt.NDArray[np.bool_]:
+        """Ground-truth region masks ``[K, X, Y, Z]`` of a loaded case on its full, uncropped grid.
+
+        Tumour outside the crop is included, so metrics on it equal an evaluation of the written
+        prediction files against the segmentation files.
+
+        Raises:
+            KeyError: the case has not been loaded by any loader of this data module.
+            ValueError: the case has no segmentation.
+        """
+        entry = next((e for (_, cid), e in self._cached.items() if cid == case_id), None)
+        if entry is None:
+            raise KeyError(f"Case {case_id!r} has not been loaded by this data module.")
+        labels = entry.full_labels()
+        if labels is None:
+            raise ValueError(f"Case {case_id!r} has no segmentation.")
+        return labels_to_regions(labels, self.target, self.label_convention)
 
     def describe(self) -> str:
         """A markdown table: subjects per site (train, val, held-out) and training slices.

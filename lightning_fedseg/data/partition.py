@@ -38,6 +38,7 @@ __all__ = [
     "PAPER_HELDOUT_FRACTION",
     "PAPER_SIMULATED_HELDOUT",
     "PAPER_SITE_SIZES",
+    "DuplicateSubjectsError",
     "Partition",
     "SiteSplit",
     "apportion",
@@ -589,6 +590,21 @@ class _Row:
     line: int
 
 
+class DuplicateSubjectsError(ValueError):
+    """A partition CSV lists subjects more than once; every repetition is named.
+
+    Attributes:
+        path: the CSV file.
+        duplicates: each repeated subject with all the lines it is on.
+        subjects: every subject the file lists, in order, once each.
+    """
+
+    def __init__(self, path: Path, duplicates: dict[str, list[int]], subjects: list[str]) -> None:
+        self.path, self.duplicates, self.subjects = path, duplicates, subjects
+        shown = "; ".join(f"{s} on lines {', '.join(map(str, lines))}" for s, lines in duplicates.items())
+        super().__init__(f"{path}: {len(duplicates)} subject(s) are listed more than once: {shown}.")
+
+
 def _read_rows(path: Path) -> list[_Row]:
     """Rows of a FeTS-style partition CSV; errors name the file and line."""
     if not path.is_file():
@@ -611,6 +627,7 @@ def _read_rows(path: Path) -> list[_Row]:
         i_split = columns.get(_TRAIN_OR_VAL.lower())
         rows: list[_Row] = []
         seen: dict[str, int] = {}
+        repeated: dict[str, list[int]] = {}
         for line, record in enumerate(reader, start=2):
             if not record or all(not cell.strip() for cell in record):
                 continue
@@ -623,7 +640,8 @@ def _read_rows(path: Path) -> list[_Row]:
             if not subject or not site:
                 raise ValueError(f"{path}:{line}: empty {_SUBJECT} or {_PARTITION}.")
             if subject in seen:
-                raise ValueError(f"{path}:{line}: subject {subject} is listed again (first on line {seen[subject]}).")
+                repeated.setdefault(subject, [seen[subject]]).append(line)
+                continue
             seen[subject] = line
             split = None
             if i_split is not None:
@@ -633,6 +651,8 @@ def _read_rows(path: Path) -> list[_Row]:
                         f"{path}:{line}: {_TRAIN_OR_VAL} must be 'train' or 'val', but got {record[i_split]!r}."
                     )
             rows.append(_Row(subject, site, split, line))
+    if repeated:
+        raise DuplicateSubjectsError(path, repeated, list(seen))
     if not rows:
         raise ValueError(f"{path}: no subject rows after the header.")
     return rows

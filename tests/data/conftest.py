@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -52,3 +53,32 @@ def write_case(
     if seg is not None:
         write_nifti(folder / f"{case_id}_seg.nii.gz", np.asarray(seg, np.uint8))
     return folder
+
+
+BRATS_LPS_AFFINE = np.array([[-1.0, 0, 0, 0], [0, -1.0, 0, 239.0], [0, 0, 1.0, 0], [0, 0, 0, 1]])
+"""The voxel-to-world matrix BraTS headers carry (axis codes L, P, S)."""
+
+
+def save_nifti(path: Path, data: npt.NDArray[np.generic], affine: npt.NDArray[np.float64], dtype: Any = None) -> Path:
+    """Write ``data`` with ``affine``; ``dtype`` is the on-disk type (nibabel scales floats into ints)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = nib.Nifti1Image(data, affine)
+    if dtype is not None:
+        image.set_data_dtype(dtype)
+    nib.save(image, path)
+    return path
+
+
+def realistic_volumes(
+    shape: tuple[int, int, int], seed: int = 0
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.uint8]]:
+    """A brain-like float64 image (positive inside an ellipsoid) and a nested 1/2/4 label map."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
+    brain = (grid**2).sum(0) < 0.8
+    image = np.where(brain, 400.0 + 100.0 * rng.random(shape), 0.0)
+    seg = np.zeros(shape, np.uint8)
+    seg[((grid - 0.2) ** 2).sum(0) < 0.15] = 2
+    seg[((grid - 0.2) ** 2).sum(0) < 0.06] = 1
+    seg[((grid - 0.2) ** 2).sum(0) < 0.02] = 4
+    return image, seg

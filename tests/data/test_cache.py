@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from lightning_fedseg.data import cache as cache_module
-from lightning_fedseg.data.cache import VolumeCache, default_cache_dir
+from lightning_fedseg.data.cache import AxialSlices, VolumeCache, default_cache_dir
 from lightning_fedseg.data.cases import Case, discover_cases
+from lightning_fedseg.data.validation import BadCaseError
 from tests.data.conftest import write_case, write_nifti
 
 
@@ -103,11 +104,14 @@ def test_interrupted_build_is_never_trusted(tmp_path: Path, monkeypatch: pytest.
     with pytest.raises(KeyboardInterrupt):
         cache.build(case)
     directory = cache.entry_dir(case)
-    assert (directory / "image.npy").is_file()
-    assert not (directory / "meta.json").exists()
+    assert not directory.exists()  # an interrupted build removes the folder it created
+    # A hard kill cannot clean up: an entry without meta.json is never trusted, and rebuilt.
+    directory.mkdir(parents=True)
+    np.save(directory / "image.npy", np.zeros((1, 4, 4, 3), np.float32))
     assert cache.lookup(case) is None
     monkeypatch.setattr(cache_module, "_write_json", real_write_json)
     assert cache.get(case).image().shape == (1, 4, 4, 3)
+    assert float(np.abs(cache.get(case).image()).max()) > 0
 
 
 def test_interrupted_array_write_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -121,7 +125,7 @@ def test_interrupted_array_write_leaves_no_file(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(cache_module.np, "save", half_save)
     with pytest.raises(KeyboardInterrupt):
         cache.build(case)
-    assert list(cache.entry_dir(case).iterdir()) == []  # temporary file removed, nothing moved
+    assert not cache.entry_dir(case).exists()  # temporary file and folder removed, nothing moved
 
 
 def test_label_convention_check_names_the_file(tmp_path: Path) -> None:
@@ -129,7 +133,10 @@ def test_label_convention_check_names_the_file(tmp_path: Path) -> None:
     seg[seg == 4] = 3
     write_case(tmp_path / "data", "BraTS_002", flair, seg)
     (case,) = discover_cases(tmp_path / "data", ["flair"])
-    entry = VolumeCache(tmp_path / "cache", ["flair"]).get(case)
+    with pytest.raises(BadCaseError, match=r"BraTS_002_seg\.nii\.gz: labels \[3\] are not valid.*brats2023"):
+        VolumeCache(tmp_path / "cache", ["flair"]).get(case)
+    assert not (tmp_path / "cache").exists()  # a refused case writes nothing
+    entry = VolumeCache(tmp_path / "cache", ["flair"], label_convention="brats2023").get(case)
     with pytest.raises(ValueError, match=r"BraTS_002_seg\.nii\.gz: labels \[3\].*brats2023"):
         entry.check_labels("brats")
     entry.check_labels("brats2023")
@@ -140,7 +147,7 @@ def test_labels_outside_uint8_are_refused(tmp_path: Path) -> None:
     write_case(tmp_path / "data", "BraTS_003", flair)
     seg_path = write_nifti(tmp_path / "data" / "BraTS_003" / "BraTS_003_seg.nii.gz", np.full((4, 4, 3), 300, np.int16))
     (case,) = discover_cases(tmp_path / "data", ["flair"])
-    with pytest.raises(ValueError, match=re.escape(f"{seg_path}: labels [300] are outside")):
+    with pytest.raises(BadCaseError, match=re.escape(f"{seg_path}: labels [300] are not valid")):
         VolumeCache(tmp_path / "cache", ["flair"]).get(case)
 
 
@@ -183,3 +190,31 @@ def test_cache_arguments_are_validated() -> None:
         VolumeCache("/tmp/x", ["flair"], crop_size=0)
     with pytest.raises(ValueError, match="at least one modality"):
         VolumeCache("/tmp/x", [])
+
+
+def test_axial_slices_read_contiguous_blocks_and_name_a_truncated_file(tmp_path: Path) -> None:
+    array = np.asfortranarray(np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5))
+    np.save(tmp_path / "a.npy", array)
+    reader = AxialSlices.open(tmp_path / "a.npy")
+    assert reader.shape == (2, 3, 4, 5) and reader.dtype == np.float32
+    for z in range(5):
+        np.testing.assert_array_equal(reader.read(z), array[..., z])
+    with pytest.raises(IndexError, match=r"Slice 5 is outside 0\.\.4"):
+        reader.read(5)
+    data = (tmp_path / "a.npy").read_bytes()
+    (tmp_path / "a.npy").write_bytes(data[:-10])
+    with pytest.raises(OSError, match=r"a\.npy is truncated: slice 4 needs 96 bytes, got 86"):
+        reader.read(4)
+    np.save(tmp_path / "c.npy", np.ascontiguousarray(array))
+    with pytest.raises(ValueError, match="expected a Fortran-ordered array"):
+        AxialSlices.open(tmp_path / "c.npy")
+
+
+def test_reorientation_and_label_convention_enter_the_key(tmp_path: Path) -> None:
+    case = _case(tmp_path / "data")
+    keys = {
+        VolumeCache(tmp_path / "cache", ["flair"]).key(case),
+        VolumeCache(tmp_path / "cache", ["flair"], reorient=True).key(case),
+        VolumeCache(tmp_path / "cache", ["flair"], label_convention="brats2023").key(case),
+    }
+    assert len(keys) == 3

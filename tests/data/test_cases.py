@@ -10,16 +10,9 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from lightning_fedseg.data.cases import (
-    Case,
-    CaseNaming,
-    CaseReference,
-    check_dataset,
-    discover_cases,
-    load_case,
-    validate_cases,
-)
+from lightning_fedseg.data.cases import Case, CaseNaming, CaseReference, discover_cases
 from lightning_fedseg.data.conventions import MODALITIES, LabelConvention, Modality
+from lightning_fedseg.data.validation import BadCaseError, check_dataset, load_case, validate_cases
 
 SHAPE = (8, 8, 4)
 AFFINE = np.diag([1.0, 1.0, 1.0, 1.0])
@@ -131,9 +124,12 @@ def test_validate_reports_every_problem_of_every_case(tmp_path: Path) -> None:
     by_case = {p.case_id: p for p in report.problems}
     assert len(report.problems) == 6
     assert by_case["bad_affine"].path.name == "bad_affine_t1.nii.gz"
-    assert "affine differs from the flair image's by up to 0.5" in by_case["bad_affine"].message
+    assert (
+        "affine differs from the flair, t1ce, t2 and seg images', which agree with each other, by up to 0.5"
+        in by_case["bad_affine"].message
+    )
     assert by_case["bad_shape"].path.name == "bad_shape_t2.nii.gz"
-    assert "(8, 8, 5) differs from the flair image's (8, 8, 4)" in by_case["bad_shape"].message
+    assert "(8, 8, 5) differs from the flair, t1, t1ce and seg images', which agree" in by_case["bad_shape"].message
     assert "expected a 3D volume, but its shape is (8, 8)" in by_case["flat"].message
     assert "labels [3] are not valid" in by_case["label3"].message
     assert "--label_convention brats2023" in by_case["label3"].message
@@ -212,7 +208,7 @@ def test_load_case(tmp_path: Path) -> None:
 
 def test_load_case_missing_modality_names_file(tmp_path: Path) -> None:
     case = Case("c", tmp_path / "c", {}, None)
-    with pytest.raises(FileNotFoundError, match=r"c_flair\.nii\.gz or c_flair\.nii"):
+    with pytest.raises(BadCaseError, match=r"c_flair\.nii\.gz or c_flair\.nii"):
         load_case(case, ["flair"])
 
 

@@ -15,11 +15,12 @@ import torch
 from torch.utils.data import RandomSampler, SequentialSampler
 
 from lightning_fedseg.data import cache as cache_module
-from lightning_fedseg.data.cases import Case, discover_cases, load_case
+from lightning_fedseg.data.cases import Case, discover_cases
 from lightning_fedseg.data.conventions import Target, labels_to_regions
 from lightning_fedseg.data.datamodule import FederatedDataModule
 from lightning_fedseg.data.preprocess import zscore_brain
 from lightning_fedseg.data.synthetic import SyntheticDataset
+from lightning_fedseg.data.validation import load_case
 from tests.data.conftest import TINY_SHAPE
 
 BATCH_KEYS = {"image", "target", "case_id", "slice_index", "num_slices"}
@@ -49,9 +50,9 @@ def _subjects(dm: FederatedDataModule) -> list[str]:
 def _record_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     loaded: list[str] = []
 
-    def recording_load_case(case: Case, modalities: Any) -> Any:
+    def recording_load_case(case: Case, *args: Any) -> Any:
         loaded.append(case.case_id)
-        return load_case(case, modalities)
+        return load_case(case, *args)
 
     monkeypatch.setattr(cache_module, "load_case", recording_load_case)
     return loaded

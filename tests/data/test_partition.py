@@ -274,7 +274,7 @@ def test_read_fets_csv_num_heldout(tmp_path: Path) -> None:
     [
         ("Subject,Partition_ID\nA,1\n", r":1: header .* lacks column\(s\) Subject_ID"),
         (HEADER_SPLIT + "A,1,train\nB,1,test\n", r":3: TrainOrVal must be 'train' or 'val'"),
-        (HEADER + "A,1\nB,2\nA,2\n", r":4: subject A is listed again \(first on line 2\)"),
+        (HEADER + "A,1\nB,2\nA,2\n", r": 1 subject\(s\) are listed more than once: A on lines 2, 4\."),
         (HEADER + "A,1\nB\n", r":3: expected 2 columns, but got 1"),
         (HEADER + "A,\n", r":2: empty Subject_ID or Partition_ID"),
         ("", r": the file is empty"),

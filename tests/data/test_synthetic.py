@@ -17,7 +17,7 @@ import pytest
 from scipy import ndimage
 
 from lightning_fedseg.data import synthetic
-from lightning_fedseg.data.cases import discover_cases, validate_cases
+from lightning_fedseg.data.cases import discover_cases
 from lightning_fedseg.data.conventions import Modality
 from lightning_fedseg.data.partition import PAPER_SITE_SIZES
 from lightning_fedseg.data.synthetic import (
@@ -29,6 +29,7 @@ from lightning_fedseg.data.synthetic import (
     scale_site_sizes,
     write_synthetic_dataset,
 )
+from lightning_fedseg.data.validation import validate_cases
 
 TINY = (24, 24, 12)
 SMALL = (32, 32, 16)
