@@ -81,6 +81,11 @@ ALGORITHM_SETTINGS: dict[str, tuple[str, Callable[[], dict[str, Any]]]] = {
 }
 
 
+# One distinct colour per algorithm.
+PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf", "#aec7e8", "#ffbb78"]  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Preset:
     name: str
@@ -233,7 +238,7 @@ def plot(results: Sequence[dict[str, Any]], preset: Preset, out: Path) -> list[P
             continue
         fig, axes = figure(size=(6.4, 4.2))
         ax = axes[0][0]
-        for algorithm, (label, _) in ALGORITHM_SETTINGS.items():
+        for index, (algorithm, (label, _)) in enumerate(ALGORITHM_SETTINGS.items()):
             mine = [r["val_dice"] for r in runs if r["algorithm"] == algorithm]
             if not mine:
                 continue
@@ -247,7 +252,7 @@ def plot(results: Sequence[dict[str, Any]], preset: Preset, out: Path) -> list[P
                 marker="o",
                 ms=3,
                 label=label,
-                color="black" if algorithm == "cds" else None,
+                color="black" if algorithm == "cds" else PALETTE[index % len(PALETTE)],
             )
         ax.set_xlabel("round")
         ax.set_ylabel("validation Dice (mean over seeds)")
