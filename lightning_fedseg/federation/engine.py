@@ -234,18 +234,17 @@ class RoundEngine:
     def _collect(self, rnd: Round, state: dict[str, Tensor], site: str) -> None:
         """File one site's result (raises :class:`NonFiniteStateError` for NaN/Inf weights)."""
         server = self.strategy.server
-        weight = self.strategy.site_weight(site) if rnd.plan.aggregation is Aggregation.MEAN else 1.0
-        if rnd.accumulator is not None and isinstance(server, DPFedAvg):
-            check_finite(state, site)  # DP: the clipped update, with weight 1 (a fixed denominator)
-            assert rnd.global_state is not None
+        if rnd.plan.aggregation is not Aggregation.MEAN or rnd.global_state is None:
+            check_finite(state, site)  # chained modes hand the weights on; nothing to file
+        elif isinstance(server, DPFedAvg):  # the clipped update, with weight 1 (a fixed denominator)
+            check_finite(state, site)
+            assert rnd.accumulator is not None
             rnd.accumulator.add(server.clip(state, rnd.global_state), 1.0, site)
-        elif rnd.accumulator is not None:
-            rnd.accumulator.add(state, weight, site)
-        elif rnd.plan.aggregation is Aggregation.MEAN:  # a server step that needs every site's state
+        elif rnd.accumulator is not None:  # add() checks finiteness
+            rnd.accumulator.add(state, self.strategy.site_weight(site), site)
+        else:  # a server step that needs every site's state
             check_finite(state, site)
-            rnd.site_results.append((state_to_cpu(state), weight, site))
-        else:
-            check_finite(state, site)
+            rnd.site_results.append((state_to_cpu(state), self.strategy.site_weight(site), site))
 
     def _combine(self, rnd: Round) -> int:
         """Make the round's global model; returns how many sites contributed (over all processes)."""
