@@ -138,20 +138,37 @@ def strategy_kwargs(algorithm: str, num_sites: int) -> dict[str, Any]:
 
 
 def run_job(preset: Preset, job: Job) -> dict[str, Any]:
+    extra = {} if job.algorithm == "cds" else strategy_kwargs(job.algorithm, preset_sites(preset, job.split))
+    return {**asdict(job), **train_and_test(preset, job.split, job.seed, federated=job.algorithm != "cds", **extra)}
+
+
+def preset_sites(preset: Preset, split: str) -> int:
+    """The number of institutions of ``split`` (the real split: the synthetic default's 10)."""
+    return int(split[3:]) if split.startswith("sim") else int(split[9:]) if split.startswith("dirichlet") else 10
+
+
+def train_and_test(
+    preset: Preset, split: str, seed: int, federated: bool = True, **strategy_extra: Any
+) -> dict[str, Any]:
+    """One run: FedAvg (1 local epoch) with ``strategy_extra``, or CDS; the best-validation round's
+    held-out Dice and the validation Dice (and server metrics) of every round."""
     quiet()
     set_threads(1)
     started = time.perf_counter()
-    pl.seed_everything(job.seed, workers=True, verbose=False)
-    dm = FederatedDataModule(**data_kwargs(preset, job.split))
+    pl.seed_everything(seed, workers=True, verbose=False)
+    dm = FederatedDataModule(**data_kwargs(preset, split))
     dm.prepare_data()
     dm.setup("fit")
+    if len(dm.site_names) != preset_sites(preset, split):
+        expected = preset_sites(preset, split)
+        raise RuntimeError(f"Expected {expected} sites for split {split!r}, got {len(dm.site_names)}.")
     model = BrainTumorSegmentation(**model_kwargs(preset.model, in_channels=dm.in_channels, compute_hd95=False))
-    mode = CDS() if job.algorithm == "cds" else FedAvg(local_epochs=1)
-    extra = {} if job.algorithm == "cds" else strategy_kwargs(job.algorithm, len(dm.site_names))
+    mode = FedAvg(local_epochs=1) if federated else CDS()
     recorder = RoundRecorder(select="val/dice")
+    strategy = FederatedStrategy(mode, seed=seed, **strategy_extra)
     trainer = pl.Trainer(
         **trainer_defaults("auto" if preset.model == "paper" else "cpu"),
-        strategy=FederatedStrategy(mode, seed=job.seed, **extra),
+        strategy=strategy,
         max_epochs=preset.rounds,
         callbacks=[recorder],
     )
@@ -161,13 +178,14 @@ def run_job(preset: Preset, job: Job) -> dict[str, Any]:
     model.load_state_dict(recorder.states[best_round])
     tester = pl.Trainer(**trainer_defaults("auto" if preset.model == "paper" else "cpu"))
     heldout = float(tester.test(model, datamodule=dm, verbose=False)[0]["test/dice"])
+    privacy = [{k: v for k, v in h.items() if k.startswith("privacy/")} for h in strategy.history]
     return {
-        **asdict(job),
         "sites": len(dm.site_names),
         "val_dice": [r.get("val/dice") for r in recorder.rounds],
         "selected_round": best_round,
         "selected_val": value,
         "heldout": heldout,
+        **({"privacy": privacy} if any(privacy) else {}),
         "wall_seconds": time.perf_counter() - started,
     }
 
@@ -176,6 +194,23 @@ def run_and_save(preset: Preset, job: Job, folder: Path) -> str:
     result = run_job(preset, job)
     write_json(folder / f"{job.key}.json", result)
     return f"{job.key}: held-out {result['heldout']:.3f} ({result['wall_seconds']:.0f} s)"
+
+
+def run_pending(
+    run_and_save: Callable[[Preset, Any, Path], str], preset: Preset, jobs: Sequence[Any], folder: Path
+) -> None:
+    """Run the jobs without a result file in ``folder`` (``preset.jobs`` at a time), printing a line each."""
+    todo = [j for j in jobs if not (folder / f"{j.key}.json").exists()]
+    if not todo:
+        return
+    print(f"{len(todo)} of {len(jobs)} runs to do ({len(jobs) - len(todo)} finished)", flush=True)
+    if preset.jobs <= 1:
+        for job in todo:
+            print(" ", run_and_save(preset, job, folder), flush=True)
+        return
+    with ProcessPoolExecutor(preset.jobs, mp_context=get_context("spawn")) as pool:
+        for line in pool.map(run_and_save, [preset] * len(todo), todo, [folder] * len(todo)):
+            print(" ", line, flush=True)
 
 
 def finished(folder: Path) -> list[dict[str, Any]]:
@@ -278,16 +313,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     folder.mkdir(parents=True, exist_ok=True)
     algorithms = args.algorithms or list(ALGORITHM_SETTINGS)
     jobs = [Job(s, a, seed) for seed in preset.seeds for s in preset.splits for a in algorithms]
-    todo = [j for j in jobs if not (folder / f"{j.key}.json").exists()]
-    if not args.report and todo:
-        print(f"{len(todo)} of {len(jobs)} runs to do ({len(jobs) - len(todo)} finished)", flush=True)
-        if preset.jobs <= 1:
-            for job in todo:
-                print(" ", run_and_save(preset, job, folder), flush=True)
-        else:
-            with ProcessPoolExecutor(preset.jobs, mp_context=get_context("spawn")) as pool:
-                for line in pool.map(run_and_save, [preset] * len(todo), todo, [folder] * len(todo)):
-                    print(" ", line, flush=True)
+    if not args.report:
+        run_pending(run_and_save, preset, jobs, folder)
     results = finished(folder)
     text, numbers = tables(results, preset)
     plots = plot(results, preset, args.plots_dir)

@@ -173,15 +173,20 @@ def test_collaboration_modes_replot(smoke: dict[str, tuple[int, str, Path]], tmp
     _check_pngs(tmp_path, ["smoke-real-dice-per-round.png", "smoke-ciil-forgetting.png"])
 
 
-@pytest.mark.slow
-def test_algorithms_smoke_resumes_from_finished_runs(tmp_path: Path) -> None:
-    """Each finished run is kept; a second invocation trains nothing and rebuilds the same table."""
-    env = {
+def _isolated_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of a benchmark subprocess with its own data and cache folders."""
+    return {
         **os.environ,
         "LIGHTNING_FEDSEG_DATA": str(tmp_path / "data"),
         "LIGHTNING_FEDSEG_CACHE": str(tmp_path / "cache"),
         "PYTHONWARNINGS": "ignore",
     }
+
+
+@pytest.mark.slow
+def test_algorithms_smoke_resumes_from_finished_runs(tmp_path: Path) -> None:
+    """Each finished run is kept; a second invocation trains nothing and rebuilds the same table."""
+    env = _isolated_env(tmp_path)
     command = [
         sys.executable, "benchmarks/algorithms.py", "--preset", "smoke", "--out", str(tmp_path / "out"),
         "--plots-dir", str(tmp_path / "plots"), "--algorithms", "cds", "fedavg", "fedadam", "median", "fedbn",
@@ -198,3 +203,37 @@ def test_algorithms_smoke_resumes_from_finished_runs(tmp_path: Path) -> None:
     assert set(result["tables"]["sim4"]) == {"cds", "fedavg", "fedadam", "median", "fedbn"}
     assert all(_dice(r["heldout"]) and len(r["val_dice"]) == 2 for r in result["runs"])
     _check_pngs(tmp_path / "plots", ["smoke-algorithms-sim4.png"])
+
+
+@pytest.mark.slow
+def test_privacy_smoke_spends_each_target_epsilon(tmp_path: Path) -> None:
+    """Each epsilon run's noise multiplier keeps all its rounds within the target, and spends it."""
+    from opacus.accountants import RDPAccountant
+
+    env = _isolated_env(tmp_path)
+    reused = tmp_path / "algorithms-runs"
+    reused.mkdir()
+    fedavg = {"split": "sim4", "algorithm": "fedavg", "seed": 0, "sites": 4, "val_dice": [0.1, 0.2],
+              "selected_round": 1, "selected_val": 0.2, "heldout": 0.25, "wall_seconds": 1.0}  # fmt: skip
+    (reused / "sim4-fedavg-seed0.json").write_text(json.dumps(fedavg))
+    command = [
+        sys.executable, "benchmarks/privacy.py", "--preset", "smoke", "--out", str(tmp_path / "out"),
+        "--plots-dir", str(tmp_path / "plots"), "--algorithms-runs", str(reused),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "4 of 5 runs to do" in done.stdout  # the FedAvg run is the algorithms benchmark's
+    runs = {r["setting"]: r for r in json.loads((tmp_path / "out" / "results.json").read_text())["runs"]}
+    assert sorted(runs) == ["clip", "eps1", "eps3", "eps8", "nodp"]
+    assert runs["nodp"]["heldout"] == 0.25 and runs["clip"]["noise_multiplier"] == 0.0
+    sigmas = [runs[f"eps{e}"]["noise_multiplier"] for e in (8, 3, 1)]
+    assert sigmas == sorted(sigmas) and sigmas[0] > 0
+    for target in (1, 3, 8):
+        run = runs[f"eps{target}"]
+        accountant = RDPAccountant()
+        accountant.history = [(run["noise_multiplier"], 1.0, len(run["val_dice"]))]
+        spent = accountant.get_epsilon(delta=1e-5)
+        assert run["privacy"][-1]["privacy/epsilon"] == pytest.approx(spent, rel=1e-5)
+        assert 0.97 * target <= spent <= target
+        assert _dice(run["heldout"])
+    _check_pngs(tmp_path / "plots", ["smoke-privacy-epsilon.png"])
