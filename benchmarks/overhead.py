@@ -6,6 +6,9 @@
    validation. Runs alternate (plain, FedAvg, plain, ...); the first epoch of each fit is a
    warm-up and is not counted. FedAvg also takes a few more optimizer steps (each site's last batch
    is partial), so the ratio is given per epoch and per optimizer step.
+1b. **Hand-over.** The non-training time per site, measured directly: FedAvg rounds of one batch
+   per site (``limit_train_batches=1``) against plain epochs of as many batches, alternating fits,
+   first epoch of each fit excluded; beside it, the strategy's own ``handover_seconds`` timer.
 2. **Aggregation.** Time and peak memory of :class:`~lightning_fedseg.federation.WeightedMean`
    (add every site's state, then ``compute``) against the number of sites (2..64), for the CPU
    and the paper model. Peak memory is the rise of the process's peak resident set size (Linux
@@ -59,7 +62,7 @@ from benchmarks.common import (
     write_json,
 )
 from lightning_fedseg import BrainTumorSegmentation, FedAvg, FederatedDataModule, FederatedStrategy
-from lightning_fedseg.federation import WeightedMean
+from lightning_fedseg.federation import CoordinateMedian, Krum, TrimmedMean, WeightedMean
 from lightning_fedseg.federation.aggregate import state_to_cpu
 
 SCRIPT = Path(__file__).resolve()
@@ -82,6 +85,7 @@ class Preset:
     model_steps: int
     processes: tuple[int, ...]
     rounds: int  # per distributed run; the first is a warm-up
+    handover_rounds: int  # per hand-over fit; the first is a warm-up
 
 
 PRESETS: dict[str, Preset] = {
@@ -101,6 +105,7 @@ PRESETS: dict[str, Preset] = {
         model_steps=2,
         processes=(1, 2),
         rounds=2,
+        handover_rounds=3,
     ),
     "quick": Preset(
         name="quick",
@@ -118,6 +123,7 @@ PRESETS: dict[str, Preset] = {
         model_steps=12,
         processes=(1, 2, 3),
         rounds=4,
+        handover_rounds=21,
     ),
 }
 
@@ -214,6 +220,58 @@ def fedavg_vs_plain(preset: Preset) -> dict[str, Any]:
     }
 
 
+# ---------------------------------------------------------------------------------- 1b. hand-over
+def handover(preset: Preset) -> dict[str, Any]:
+    """The non-training time per site hand-over, measured directly: FedAvg rounds of one batch per
+    site against plain Lightning epochs of as many batches (same model, batch size and loader
+    settings; no validation), alternating fits; plus the strategy's own timer
+    (``handover_seconds``: site starts, site ends and the round's combine)."""
+    dm = _data(preset)
+    dm.prepare_data()
+    dm.setup("fit")
+    sites = len(dm.site_names)
+    # Every site's one batch is full: the batch is at most the smallest site's slices (smoke data).
+    batch_size = min(preset.batch_size, *(dm.site_num_samples(s) for s in dm.site_names))
+    runs: dict[str, list[list[float]]] = {"plain": [], "fedavg": []}
+    timers: list[float] = []
+    steps = {}
+    for repeat in range(preset.repeats):
+        for kind in ("plain", "fedavg"):
+            pl.seed_everything(repeat, verbose=False)
+            timer = EpochTimer()
+            federated = kind == "fedavg"
+            strategy = FederatedStrategy(FedAvg(local_epochs=1), seed=repeat) if federated else "auto"
+            trainer = pl.Trainer(
+                **trainer_defaults("cpu"),
+                strategy=strategy,
+                max_epochs=preset.handover_rounds,
+                limit_train_batches=1 if federated else sites,
+                limit_val_batches=0,
+                callbacks=[timer],
+            )
+            trainer.fit(_model(), datamodule=_data(replace(preset, batch_size=batch_size)))
+            runs[kind].append(timer.seconds[1:])
+            steps[kind] = timer.steps[-1]
+            if federated:
+                timers += [h["handover_seconds"] for h in trainer.strategy.history[1:]]
+            median = statistics.median(timer.seconds[1:])
+            print(f"  hand-over {kind} repeat {repeat}: median {median:.3f} s", flush=True)
+    if steps["plain"] != steps["fedavg"]:
+        raise RuntimeError(f"Expected as many optimizer steps per epoch and round, got {steps}.")
+    pairs = zip(runs["plain"], runs["fedavg"], strict=True)
+    per_site = [(statistics.median(f) - statistics.median(p)) / sites for p, f in pairs]
+    return {
+        "sites": sites,
+        "batch_size": batch_size,
+        "batches_per_epoch": steps["plain"],
+        "plain_epoch_seconds": _summary([s for r in runs["plain"] for s in r]),
+        "fedavg_round_seconds": _summary([s for r in runs["fedavg"] for s in r]),
+        "wall_ms_per_site": _summary([1000 * v for v in per_site]),
+        "timer_ms_per_site": _summary([1000 * v / sites for v in timers]),
+        "runs": runs,
+    }
+
+
 def _tensors(obj: Any) -> list[torch.Tensor]:
     if isinstance(obj, torch.Tensor):
         return [obj]
@@ -257,20 +315,73 @@ def _site_state(reference: dict[str, torch.Tensor], index: int) -> dict[str, tor
     return {k: v * (1 + 0.01 * index) if v.is_floating_point() else v + index for k, v in reference.items()}
 
 
-def _aggregate(reference: dict[str, torch.Tensor], n: int, method: str) -> int:
-    """Average ``n`` generated site states; returns the bytes the method held at the end."""
+METHODS = ("WeightedMean", "fused add", "float32 add", "keep every state", "median", "trimmed mean", "Krum")
+KEEPS_STATES = ("keep every state", "median", "trimmed mean", "Krum")
+
+
+def _flat(state: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([v.reshape(-1) for v in state.values() if v.is_floating_point()])
+
+
+def _aggregate(reference: dict[str, torch.Tensor], n: int, method: str) -> tuple[float, int, dict[str, float]]:
+    """Combine ``n`` generated site states by ``method``; returns the seconds of the combining alone
+    (a site's state is made before its clock starts, as the module holds it in a round), the bytes
+    the method held at the end, and extra figures (float32 add: its error against float64).
+
+    ``fused add`` is the physical reference: one ``add_(flat float32 state, alpha=w)`` per site into
+    a flat float64 buffer, over states already flat. The robust rules and ``keep every state`` hold
+    every site's state until the round's end."""
+    seconds, extra = 0.0, {}
     if method == "WeightedMean":
         acc = WeightedMean()
         for i in range(n):
-            acc.add(_site_state(reference, i), weight=float(i + 1), site=str(i))
+            state = _site_state(reference, i)
+            start = time.perf_counter()
+            acc.add(state, weight=float(i + 1), site=str(i))
+            seconds += time.perf_counter() - start
+        start = time.perf_counter()
         acc.compute()
-        return sum(t.numel() * t.element_size() for t in acc.sums()[0].values())
+        seconds += time.perf_counter() - start
+        return seconds, sum(t.numel() * t.element_size() for t in acc.sums()[0].values()), extra
+    if method in ("fused add", "float32 add"):
+        total = None
+        exact = None
+        for i in range(n):
+            flat = _flat(_site_state(reference, i))
+            if total is None:
+                total = torch.zeros(flat.numel(), dtype=torch.float64 if method == "fused add" else torch.float32)
+                exact = torch.zeros(flat.numel(), dtype=torch.float64) if method == "float32 add" else None
+            start = time.perf_counter()
+            total.add_(flat, alpha=float(i + 1))
+            seconds += time.perf_counter() - start
+            if exact is not None:
+                exact.add_(flat, alpha=float(i + 1))
+        assert total is not None
+        if exact is not None:
+            weight = n * (n + 1) / 2
+            mean64, mean32 = exact / weight, (total / weight).double()
+            error = (mean32 - mean64).abs()
+            extra = {
+                "max_abs_error": float(error.max()),
+                "max_rel_error": float((error / mean64.abs().clamp_min(1e-6)).max()),
+            }
+        return seconds, total.numel() * total.element_size(), extra
     kept = [(_site_state(reference, i), float(i + 1)) for i in range(n)]
-    total = sum(w for _, w in kept)
-    for key, value in reference.items():
-        mean = sum(s[key].double() * w for s, w in kept) / total
-        (mean if value.is_floating_point() else torch.round(mean)).to(value.dtype)
-    return sum(t.numel() * t.element_size() for s, _ in kept for t in s.values())
+    start = time.perf_counter()
+    if method == "keep every state":
+        total = sum(w for _, w in kept)
+        for key, value in reference.items():
+            mean = sum(s[key].double() * w for s, w in kept) / total
+            (mean if value.is_floating_point() else torch.round(mean)).to(value.dtype)
+    else:
+        step = {
+            "median": CoordinateMedian(),
+            "trimmed mean": TrimmedMean(beta=0.1),
+            "Krum": Krum(num_byzantine=1, multi=max(1, n - 1)),
+        }[method]
+        step.step_from_sites(reference, [s for s, _ in kept], [w for _, w in kept], round_idx=0)
+    seconds = time.perf_counter() - start
+    return seconds, sum(t.numel() * t.element_size() for s, _ in kept for t in s.values()), extra
 
 
 def aggregation_worker(
@@ -285,21 +396,22 @@ def aggregation_worker(
         reference = state_to_cpu(_model(name).state_dict())
         state_bytes = sum(v.numel() * v.element_size() for v in reference.values())
         params = sum(v.numel() for v in reference.values() if v.is_floating_point())
-        for method in ("WeightedMean", "keep every state"):
-            _aggregate(reference, 2, method)  # warm-up: first-use allocations are not the method's
+        for method in METHODS:
+            _aggregate(reference, 5, method)  # warm-up: first-use allocations are not the method's
         for n in sites:
-            for method in ("WeightedMean", "keep every state"):
-                if method != "WeightedMean" and n * state_bytes > naive_max_bytes:
+            for method in METHODS:
+                if method in KEEPS_STATES and n * state_bytes > naive_max_bytes:
                     continue
-                seconds, peak_kib, held = float("inf"), float("inf"), 0
+                if method == "Krum" and n < 5:  # Krum with f = 1 needs more than 2f + 2 sites
+                    continue
+                seconds, peak_kib, held, extra = float("inf"), float("inf"), 0, {}
                 for _ in range(repeats):
                     _release_free_memory()
                     before = _memory_kib()["VmRSS"]
                     if not _reset_peak():
                         results["peak_method"] = "unavailable (no /proc/self/clear_refs)"
-                    start = time.perf_counter()
-                    held = _aggregate(reference, n, method)
-                    seconds = min(seconds, time.perf_counter() - start)
+                    took, held, extra = _aggregate(reference, n, method)
+                    seconds = min(seconds, took)
                     peak_kib = min(peak_kib, _memory_kib()["VmHWM"] - before)
                 results["configs"].append(
                     {
@@ -312,6 +424,7 @@ def aggregation_worker(
                         "ms_per_site": 1000 * seconds / n,
                         "peak_mib": peak_kib / 1024,
                         "held_mib": held / 2**20,
+                        **extra,
                     }
                 )
     return results
@@ -509,50 +622,24 @@ def tables(report: dict[str, Any]) -> str:
             f"{s['strategy_site_optimizer_state_bytes'] / 2**20:.1f} MiB of per-site optimizer states after the fit.",
             "",
         ]
+    h = report.get("handover")
+    if h:
+        lines += [
+            f"### Hand-over: FedAvg rounds of one batch per site ({h['sites']} sites) vs plain epochs of "
+            f"{h['batches_per_epoch']} batches of {h['batch_size']} slices",
+            "",
+            "| plain epoch s | FedAvg round s | non-training ms per site (wall) | strategy timer ms per site |",
+            "|---|---|---|---|",
+            f"| {_fmt_range(h['plain_epoch_seconds'], 3)} | {_fmt_range(h['fedavg_round_seconds'], 3)} "
+            f"| {_fmt_range(h['wall_ms_per_site'], 2)} | {_fmt_range(h['timer_ms_per_site'], 2)} |",
+            "",
+            "Wall: (median round - median epoch) / sites, per plain/FedAvg pair. Timer: the strategy's "
+            "`handover_seconds` (site starts and ends, the round's combine) per site, every round after the first.",
+            "",
+        ]
     agg = report.get("aggregation")
     if agg:
-        configs = agg["configs"]
-        models = list(dict.fromkeys(c["model"] for c in configs))
-        first = {m: next(c for c in configs if c["model"] == m) for m in models}
-        header = " | ".join(
-            f"{m} U-Net ({first[m]['parameters'] / 1e6:.2f}M floats, {first[m]['state_mib']:.1f} MiB): "
-            "WeightedMean ms | peak MiB | keep-all peak MiB"
-            for m in models
-        )
-        lines += [
-            f"### WeightedMean: time and peak memory vs sites (peak: {agg['peak_method']} rise, "
-            "glibc mmap threshold 128 KiB)",
-            "",
-            f"| sites | {header} |",
-            "|---:|" + "---:|---:|---:|" * len(models),
-        ]
-
-        def cell(model: str, n: int, method: str, key: str) -> str:
-            found = [c for c in configs if (c["model"], c["sites"], c["method"]) == (model, n, method)]
-            if not found:
-                return "-"
-            value = found[0][key] * (1000 if key == "seconds" else 1)
-            return f"{value:.1f}"
-
-        for n in sorted({c["sites"] for c in configs}):
-            cells = []
-            for m in models:
-                cells += [
-                    cell(m, n, "WeightedMean", "seconds"),
-                    cell(m, n, "WeightedMean", "peak_mib"),
-                    cell(m, n, "keep every state", "peak_mib"),
-                ]
-            lines.append(f"| {n} | " + " | ".join(cells) + " |")
-        held = {
-            m: next(c["held_mib"] for c in configs if c["model"] == m and c["method"] == "WeightedMean") for m in models
-        }
-        lines += [
-            "",
-            "WeightedMean holds one float64 sum of the state ("
-            + ", ".join(f"{m}: {v:.1f} MiB" for m, v in held.items())
-            + ") whatever the number of sites; keep-all holds every site's state until it averages.",
-            "",
-        ]
+        lines += aggregation_tables(agg)
     loader = report.get("loader")
     if loader:
         lines += [
@@ -601,13 +688,74 @@ def tables(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def aggregation_tables(agg: dict[str, Any]) -> list[str]:
+    configs = agg["configs"]
+
+    def get(model: str, n: int, method: str, key: str) -> float | None:
+        found = [c for c in configs if (c["model"], c["sites"], c["method"]) == (model, n, method)]
+        return found[0].get(key) if found else None
+
+    def fmt(value: float | None, digits: int = 2) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    models = list(dict.fromkeys(c["model"] for c in configs))
+    sites = sorted({c["sites"] for c in configs})
+    lines = [
+        f"### Aggregation per site against one fused pass over the same bytes (1 thread; peak: {agg['peak_method']}"
+        " rise, glibc mmap threshold 128 KiB)",
+        "",
+        "| model | sites | WeightedMean ms/site | fused add ms/site | ratio | WeightedMean peak MiB "
+        "| float32 add ms/site | float32 max abs / rel error |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for m in models:
+        first = next(c for c in configs if c["model"] == m)
+        label = f"{m} ({first['parameters'] / 1e6:.2f}M, {first['state_mib']:.1f} MiB)"
+        for n in sites:
+            ours, fused = get(m, n, "WeightedMean", "ms_per_site"), get(m, n, "fused add", "ms_per_site")
+            ratio = None if ours is None or not fused else ours / fused
+            abs_error, rel_error = get(m, n, "float32 add", "max_abs_error"), get(m, n, "float32 add", "max_rel_error")
+            error = "-" if abs_error is None or rel_error is None else f"{abs_error:.1e} / {rel_error:.1e}"
+            peak, f32 = get(m, n, "WeightedMean", "peak_mib"), get(m, n, "float32 add", "ms_per_site")
+            lines.append(
+                f"| {label} | {n} | {fmt(ours, 3)} | {fmt(fused, 3)} | {fmt(ratio)} | {fmt(peak, 1)} | {fmt(f32, 3)} "
+                f"| {error} |"
+            )
+            label = ""
+    lines += [
+        "",
+        "WeightedMean: per site, copy the state into a flat staging buffer, one finiteness reduction, one"
+        " fused float64 add; plus the final division. Fused add: only the add, over a state already flat."
+        " Float32 add: the same add into a float32 buffer; its error is against the float64 mean.",
+        "",
+        "### Rules that hold every site's state of the round: time of the combine and peak memory",
+        "",
+        "| model | sites | keep-all mean s / peak MiB | median s / peak MiB | trimmed mean s / peak MiB "
+        "| Krum (f=1, m=n-1) s / peak MiB |",
+        "|---|---:|---|---|---|---|",
+    ]
+    for m in models:
+        label = m
+        for n in sites:
+            cells = [
+                f"{fmt(get(m, n, method, 'seconds'), 3)} / {fmt(get(m, n, method, 'peak_mib'), 0)}"
+                for method in KEEPS_STATES
+            ]
+            if all(c.startswith("- ") for c in cells):
+                continue
+            lines.append(f"| {label} | {n} | " + " | ".join(cells) + " |")
+            label = ""
+    lines += ["", "-: not run (more than the preset's byte limit of held states, or too few sites for Krum).", ""]
+    return lines
+
+
 def plot_aggregation(report: dict[str, Any], out: Path) -> list[Path]:
     agg = report.get("aggregation")
     if not agg:
         return []
     fig, axes = figure(ncols=2, size=(5.0, 3.8))
     ax_t, ax_m = axes[0]
-    styles = {"WeightedMean": "-", "keep every state": "--"}
+    styles = {"WeightedMean": "-", "fused add": "-.", "keep every state": "--", "median": ":"}
     colors = {"cpu": "tab:blue", "paper": "tab:red"}
     for model in sorted({c["model"] for c in agg["configs"]}):
         for method, style in styles.items():
@@ -637,8 +785,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--sections",
         nargs="+",
-        choices=("strategy", "aggregation", "loader", "processes"),
-        default=["strategy", "aggregation", "loader", "processes"],
+        choices=("strategy", "handover", "aggregation", "loader", "processes"),
+        default=["strategy", "handover", "aggregation", "loader", "processes"],
     )
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=None, help="rounds per distributed run")
@@ -678,6 +826,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         work = Path(tmp)
         sections = {
             "strategy": lambda: fedavg_vs_plain(preset),
+            "handover": lambda: handover(preset),
             "aggregation": lambda: aggregation(preset, work),
             "loader": lambda: loader_vs_model(preset, work),
             "processes": lambda: processes(preset, work),

@@ -136,6 +136,17 @@ def test_overhead_smoke(smoke: dict[str, tuple[int, str, Path]]) -> None:
     assert mean[0]["held_mib"] == pytest.approx(2 * mean[0]["state_mib"], rel=0.01)
     assert keep[1]["held_mib"] == pytest.approx(2 * keep[0]["held_mib"])
     assert all(c["seconds"] > 0 and c["peak_mib"] >= 0 for c in configs)
+    fused = [c for c in configs if c["method"] == "fused add"]
+    assert [c["held_mib"] for c in fused] == [pytest.approx(2 * mean[0]["state_mib"], rel=0.05)] * 2
+    # float32 accumulation of 2 and 4 sites stays within a few float32 ulps of the float64 mean
+    assert all(0 <= c["max_rel_error"] < 1e-5 for c in configs if c["method"] == "float32 add")
+    median = [c for c in configs if c["method"] == "median"]
+    assert median[1]["held_mib"] == pytest.approx(2 * median[0]["held_mib"])  # every site's state is held
+    assert not [c for c in configs if c["method"] == "Krum"]  # f = 1 needs more than 4 sites
+
+    handover = result["handover"]
+    assert (handover["sites"], handover["batches_per_epoch"]) == (10, 10)
+    assert all(math.isfinite(v) and v > 0 for v in handover["timer_ms_per_site"].values() if isinstance(v, float))
 
     (loader,) = result["loader"]
     assert loader["loader_cached"] > 0 and loader["model_cpu"] > 0
@@ -151,6 +162,7 @@ def test_overhead_smoke(smoke: dict[str, tuple[int, str, Path]]) -> None:
     assert all(p["round_seconds"]["median"] > 0 for p in (one, two))
 
     assert "FedAvg round vs plain Lightning" in markdown and "WeightedMean" in markdown
+    assert "Hand-over: FedAvg rounds of one batch per site" in markdown and "Rules that hold every" in markdown
     _check_pngs(plots, ["smoke-overhead-aggregation.png"])
 
 

@@ -19,6 +19,8 @@ from enum import StrEnum
 import torch
 from torch import Tensor
 
+from lightning_fedseg.federation.flat import FlatLayout, all_finite, first_nonfinite
+
 __all__ = [
     "IncompatibleStateError",
     "IntegerPolicy",
@@ -88,10 +90,11 @@ def check_compatible(reference: State, state: State, site: str) -> None:
 
 
 def check_finite(state: State, site: str) -> None:
-    """Raise :class:`NonFiniteStateError` naming the first floating tensor holding NaN or Inf."""
-    for key, value in state.items():
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise NonFiniteStateError(site, key)
+    """Raise :class:`NonFiniteStateError` naming the first floating tensor holding NaN or Inf
+    (one fused reduction decides; see :func:`~lightning_fedseg.federation.flat.first_nonfinite`)."""
+    key = first_nonfinite(state)
+    if key is not None:
+        raise NonFiniteStateError(site, key)
 
 
 def _check_weight(weight: float, site: str) -> float:
@@ -105,6 +108,9 @@ class WeightedMean:
     """Running weighted mean of state dicts: ``sum_i w_i * state_i / sum_i w_i``.
 
     Add one site at a time; only one float64 sum (plus one integer maximum where asked) is held.
+    Tensors are kept as one flat buffer per dtype (:class:`.FlatLayout`): each site's state is copied
+    into a flat staging buffer of its own dtype (one fused copy per dtype), checked for finiteness
+    by one reduction, and added with one fused ``add_(staged, alpha=weight)``.
 
     Example:
         >>> acc = WeightedMean()
@@ -120,46 +126,80 @@ class WeightedMean:
 
     def reset(self) -> None:
         self._reference: dict[str, Tensor] | None = None
-        self._sums: dict[str, Tensor] = {}
+        self._layout: FlatLayout | None = None
+        self._stage: dict[torch.dtype, Tensor] = {}  # one site's tensors, flat, in their own dtype
+        self._stage_views: dict[str, Tensor] = {}
+        self._acc: dict[torch.dtype, Tensor] = {}  # float64 sums; own-dtype maxima and booleans
         self.total_weight = 0.0
         self.sites: list[str] = []
 
     def __len__(self) -> int:
         return len(self.sites)
 
+    def _summed(self, dtype: torch.dtype) -> bool:
+        """Whether a dtype group is summed in float64 (else kept: booleans, integer maxima)."""
+        return dtype.is_floating_point or (dtype != torch.bool and self.integer_policy is IntegerPolicy.MEAN)
+
+    def _start(self, state: State) -> FlatLayout:
+        self._reference = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in state.items()}
+        layout = self._layout = FlatLayout(state)
+        self._stage = layout.buffers()
+        self._stage_views = layout.views(self._stage)
+        return layout
+
     def add(self, state: State, weight: float, site: str) -> None:
-        """Check ``state`` and add ``weight * state`` to the running sum."""
+        """Check ``state`` (keys, shapes, dtypes, finiteness, agreeing booleans) and add
+        ``weight * state`` to the running sum; a refused state leaves the sum as it was."""
         weight = _check_weight(weight, site)
-        if self._reference is None:
-            self._reference = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in state.items()}
-        check_compatible(self._reference, state, site)
-        check_finite(state, site)
-        for key, value in state.items():
-            value = value.detach().to("cpu")
-            if value.dtype == torch.bool:
-                if key in self._sums and not torch.equal(self._sums[key], value):
-                    raise IncompatibleStateError(f"Site {site!r}: boolean buffer `{key}` differs between sites.")
-                self._sums[key] = value.clone()
-            elif not value.is_floating_point() and self.integer_policy is IntegerPolicy.MAX:
-                self._sums[key] = value.clone() if key not in self._sums else torch.maximum(self._sums[key], value)
-            else:
-                contribution = value.to(torch.float64) * weight
-                if key in self._sums:
-                    self._sums[key] += contribution
-                else:
-                    self._sums[key] = contribution
+        layout = self._layout if self._layout is not None else self._start(state)
+        assert self._reference is not None
+        if not layout.matches(state):
+            check_compatible(self._reference, state, site)  # names the difference
+            state = {k: state[k] for k in layout.keys}  # the same tensors in the reference's order
+        layout.gather(state, self._stage_views)
+        if not all(all_finite(flat) for dtype, flat in self._stage.items() if dtype.is_floating_point):
+            check_finite(state, site)  # names the tensor (a sum can overflow where no value is Inf)
+        for dtype, staged in self._stage.items():
+            if dtype == torch.bool and dtype in self._acc and not torch.equal(self._acc[dtype], staged):
+                key = next(k for k in layout.groups[dtype] if not torch.equal(state[k].cpu(), self._bool(k)))
+                raise IncompatibleStateError(f"Site {site!r}: boolean buffer `{key}` differs between sites.")
+        for dtype, staged in self._stage.items():
+            if self._summed(dtype):
+                self._acc.setdefault(dtype, torch.zeros(staged.numel(), dtype=torch.float64))
+                self._acc[dtype].add_(staged, alpha=weight)
+            elif dtype in self._acc and dtype != torch.bool:
+                torch.maximum(self._acc[dtype], staged, out=self._acc[dtype])
+            elif dtype not in self._acc:
+                self._acc[dtype] = staged.clone()
         self.total_weight += weight
         self.sites.append(site)
 
+    def _bool(self, key: str) -> Tensor:
+        assert self._layout is not None
+        return self._layout.views({torch.bool: self._acc[torch.bool]})[key]
+
     def sums(self) -> tuple[dict[str, Tensor], float]:
-        """The raw weighted sums and total weight (what a distributed all-reduce adds up)."""
-        return self._sums, self.total_weight
+        """The raw weighted sums (views of the flat buffers) and total weight (what a distributed
+        all-reduce adds up); empty before the first site."""
+        if self._layout is None or not self._acc:
+            return {}, self.total_weight
+        views = self._layout.views(self._acc)
+        return {k: views[k] for k in self._layout.keys}, self.total_weight
 
     def compute(self) -> dict[str, Tensor]:
-        """The weighted mean, in each tensor's original dtype."""
-        if self._reference is None:
+        """The weighted mean, in each tensor's original dtype (one division per dtype group)."""
+        if self._layout is None or not self._acc:
             raise ValueError("Cannot average zero sites: no state was added.")
-        return finalize_mean(self._sums, self.total_weight, self._reference, self.integer_policy)
+        means = {}
+        for dtype, acc in self._acc.items():
+            if dtype.is_floating_point:
+                means[dtype] = (acc / self.total_weight).to(dtype)
+            elif self._summed(dtype):
+                means[dtype] = torch.round(acc / self.total_weight).to(dtype)
+            else:
+                means[dtype] = acc.clone()
+        views = self._layout.views(means)
+        return {k: views[k] for k in self._layout.keys}
 
 
 def finalize_mean(

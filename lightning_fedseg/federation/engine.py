@@ -38,6 +38,7 @@ from lightning_fedseg.federation.aggregate import (
 )
 from lightning_fedseg.federation.client_runner import ClientRunner
 from lightning_fedseg.federation.faults import FaultKind
+from lightning_fedseg.federation.flat import load_by_copy, loads_by_copy
 from lightning_fedseg.federation.modes import Aggregation, derive_seed
 from lightning_fedseg.federation.privacy import DPFedAvg
 from lightning_fedseg.federation.rounds import IDLE, Round, RoundFailedError
@@ -96,6 +97,8 @@ class RoundEngine:
         rnd = Round(index=index, plan=plan, local_tasks=local)
         if plan.aggregation is Aggregation.MEAN:
             rnd.global_state = state_to_cpu(strategy.module.state_dict())
+            if loads_by_copy(strategy.module):
+                rnd.live = strategy.module.state_dict(keep_vars=True)
             if not strategy.server.needs_site_states:
                 rnd.accumulator = WeightedMean(strategy.integer_policy)
         self.round = rnd
@@ -158,13 +161,14 @@ class RoundEngine:
 
     # ------------------------------------------------------------------ site tasks
     def _begin_task(self, task_idx: int) -> None:
+        started = time.perf_counter()
         rnd, strategy = self.round, self.strategy
         assert rnd is not None
         module = strategy.module
         task = rnd.plan.tasks[task_idx]
         if rnd.plan.aggregation is Aggregation.MEAN:
             assert rnd.global_state is not None
-            module.load_state_dict(rnd.global_state)
+            load_by_copy(module, rnd.live, rnd.global_state)
         else:
             self.sync_chain(rnd, task_idx)
             rnd.start_state = state_to_cpu(module.state_dict())
@@ -174,13 +178,15 @@ class RoundEngine:
         rnd.active = task_idx
         strategy.call_site_hook("on_site_start", task.site, rnd.index)
         rnd.task_started_at = time.perf_counter()
+        rnd.handover_seconds += rnd.task_started_at - started
 
     def _end_task(self) -> None:
         rnd, strategy = self.round, self.strategy
         if rnd is None or rnd.active is None:
             return
         module = strategy.module
-        rnd.train_seconds += time.perf_counter() - rnd.task_started_at
+        started = time.perf_counter()
+        rnd.train_seconds += started - rnd.task_started_at
         task_idx = rnd.active
         site = rnd.plan.tasks[task_idx].site
         if task_idx not in rnd.failed:
@@ -206,6 +212,7 @@ class RoundEngine:
             rnd.succeeded.append(site)
         if rnd.plan.aggregation is Aggregation.CHAIN:
             self.sync_chain(rnd, task_idx + 1)
+        rnd.handover_seconds += time.perf_counter() - started
 
     def sync_chain(self, rnd: Round, upto: int) -> None:
         """Hand the results of tasks ``rnd.synced_tasks .. upto-1`` over from their sites' processes."""
@@ -261,7 +268,7 @@ class RoundEngine:
             succeeded = len(gathered)
             if succeeded >= strategy.min_sites:
                 states, weights = [g[2] for g in gathered], [g[1] for g in gathered]
-                module.load_state_dict(server.step_from_sites(rnd.global_state, states, weights, rnd.index))
+                load_by_copy(module, rnd.live, server.step_from_sites(rnd.global_state, states, weights, rnd.index))
         else:
             sums, total = rnd.accumulator.sums()
             if isinstance(server, DPFedAvg):  # each process adds its share of the noise to its own sum
@@ -271,10 +278,10 @@ class RoundEngine:
                 sums, total, len(rnd.succeeded), rnd.global_state, rnd.comm, rnd.index, masked=strategy.masking
             )
             if isinstance(server, DPFedAvg) and succeeded >= strategy.min_sites:
-                module.load_state_dict(server.step_from_sum(rnd.global_state, sums, rnd.index))
+                load_by_copy(module, rnd.live, server.step_from_sum(rnd.global_state, sums, rnd.index))
             elif succeeded >= strategy.min_sites and total > 0:
                 mean = finalize_mean(sums, total, rnd.global_state, strategy.integer_policy)
-                module.load_state_dict(server.step(rnd.global_state, mean, rnd.index))
+                load_by_copy(module, rnd.live, server.step(rnd.global_state, mean, rnd.index))
         self.clients.end_round(rnd, succeeded)
         return succeeded
 
@@ -285,7 +292,9 @@ class RoundEngine:
             return
         self._end_task()
         rnd.current = None
+        started = time.perf_counter()
         succeeded = self._combine(rnd)
+        rnd.handover_seconds += time.perf_counter() - started
         rnd.finished = True
         if succeeded < self.strategy.min_sites:
             tasks = rnd.plan.tasks
@@ -321,6 +330,7 @@ class RoundEngine:
             "succeeded": succeeded,
             "failed": failed,
             "train_seconds": rnd.train_seconds,
+            "handover_seconds": rnd.handover_seconds,
             "comm_seconds": rnd.comm.seconds,
             "bytes_sent": rnd.comm.bytes_sent,
             "bytes_received": rnd.comm.bytes_received,
@@ -328,7 +338,7 @@ class RoundEngine:
         record.update(server_metrics)
         strategy.history.append(record)
         strategy.completed_rounds += 1
-        for key in ("train_seconds", "comm_seconds", "bytes_sent", "bytes_received"):
+        for key in ("train_seconds", "handover_seconds", "comm_seconds", "bytes_sent", "bytes_received"):
             module.log(f"federation/{key}", float(record[key]), on_epoch=True, sync_dist=False)
         module.log("federation/sites_succeeded", float(len(succeeded)), on_epoch=True)
         for key, value in server_metrics.items():

@@ -57,6 +57,7 @@ class Round:
     plan: RoundPlan
     local_tasks: tuple[int, ...]
     global_state: dict[str, Tensor] | None = None
+    live: dict[str, Tensor] | None = None  # the module's own tensors, where loading is a plain copy
     records: deque[BatchRecord] = field(default_factory=deque)
     current: BatchRecord | None = None
     active: int | None = None
@@ -69,6 +70,7 @@ class Round:
     synced_tasks: int = 0
     finished: bool = False
     train_seconds: float = 0.0
+    handover_seconds: float = 0.0  # this process's site starts and ends, and the round's combine
     comm: CommStats = field(default_factory=CommStats)
     task_started_at: float = 0.0
 

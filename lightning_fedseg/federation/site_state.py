@@ -112,8 +112,13 @@ class SiteStates:
     def _load(self, stored: Mapping[str, Any]) -> None:
         for optimizer, state, hyper in zip(self.optimizers, stored["optimizers"], stored["hyper"], strict=True):
             # The hyper-parameters (LR, momentum, ...) stay the round's: they are not the site's state.
-            groups = optimizer.state_dict()["param_groups"]
-            optimizer.load_state_dict({"state": _clone(state), "param_groups": groups})
+            if not state and not optimizer._optimizer_load_state_dict_pre_hooks:
+                optimizer.state.clear()  # what loading an empty state with the same groups does, at no cost
+                for hook in optimizer._optimizer_load_state_dict_post_hooks.values():
+                    hook(optimizer)
+            else:
+                groups = optimizer.state_dict()["param_groups"]
+                optimizer.load_state_dict({"state": _clone(state), "param_groups": groups})
             if hyper is not None:  # a local schedule: the site's own hyper-parameters
                 for group, values in zip(optimizer.param_groups, hyper, strict=True):
                     group.update(copy.deepcopy(values))

@@ -1,0 +1,150 @@
+"""The fused state operations against their tensor-by-tensor definitions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_fedseg import BrainTumorSegmentation
+from lightning_fedseg.federation.aggregate import (
+    IncompatibleStateError,
+    NonFiniteStateError,
+    WeightedMean,
+    check_finite,
+)
+from lightning_fedseg.federation.flat import FlatLayout, all_finite, first_nonfinite, load_by_copy, loads_by_copy
+
+
+def _state(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "conv.weight": torch.randn(4, 3, 3, 3, generator=g),
+        "bn.running_mean": torch.randn(4, generator=g),
+        "bn.num_batches_tracked": torch.tensor(seed + 3),
+        "head.weight": torch.randn(2, 4, generator=g, dtype=torch.float64),
+        "half": torch.randn(5, generator=g).half(),
+        "flag": torch.tensor(True),
+    }
+
+
+def test_layout_groups_by_dtype_and_views_round_trip():
+    state = _state(0)
+    layout = FlatLayout(state)
+    assert set(layout.groups) == {torch.float32, torch.float64, torch.float16, torch.int64, torch.bool}
+    assert layout.groups[torch.int64] == ("bn.num_batches_tracked",) and layout.matches(state)
+    assert not layout.matches({**state, "flag": torch.tensor([True, False])})
+    buffers = layout.buffers()
+    views = layout.views(buffers)
+    layout.gather(state, views)
+    assert buffers[torch.float32].numel() == 4 * 27 + 4
+    for key, view in views.items():
+        assert torch.equal(view, state[key]) and view.dtype == state[key].dtype
+
+
+def test_flat_mean_equals_the_per_tensor_float64_mean():
+    """Bit for bit for float32 and float16 tensors (with integer weights every product is exact in
+    float64); float64 tensors to an ulp (the fused add may round ``sum + w * x`` once, not twice)."""
+    states = [_state(i) for i in range(5)]
+    weights = [70.0, 27.0, 17.0, 3.0, 1.0]
+    acc = WeightedMean()
+    for i, (s, w) in enumerate(zip(states, weights, strict=True)):
+        acc.add(s, w, site=str(i))
+    out = acc.compute()
+    total = sum(weights)
+    for key, ref in states[0].items():
+        if ref.is_floating_point():
+            expected = sum(s[key].double() * w for s, w in zip(states, weights, strict=True))
+            if ref.dtype == torch.float64:
+                torch.testing.assert_close(out[key], expected / total, rtol=1e-15, atol=0)
+            else:
+                assert torch.equal(out[key], (expected / total).to(ref.dtype)), key
+    assert out["bn.num_batches_tracked"].item() == round(sum((i + 3) * w for i, w in enumerate(weights)) / total)
+    assert out["flag"].item() is True
+
+
+def test_a_refused_state_leaves_the_running_sum_as_it_was():
+    acc = WeightedMean()
+    acc.add(_state(0), 2.0, site="a")
+    before = {k: v.clone() for k, v in acc.sums()[0].items()}
+    bad = _state(1)
+    bad["head.weight"][1, 2] = float("nan")
+    with pytest.raises(NonFiniteStateError, match=r"Site 'b'.*`head.weight`"):
+        acc.add(bad, 1.0, site="b")
+    flipped = _state(2)
+    flipped["flag"] = torch.tensor(False)
+    with pytest.raises(IncompatibleStateError, match="boolean buffer `flag` differs"):
+        acc.add(flipped, 1.0, site="c")
+    after, total = acc.sums()
+    assert total == 2.0 and acc.sites == ["a"]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_huge_finite_values_overflowing_the_fused_sum_are_still_accepted():
+    big = {"w": torch.full((8,), 3e38), "v": torch.ones(2)}
+    assert not all_finite(big["w"])  # the one reduction overflows: only a hint
+    assert first_nonfinite(big) is None
+    check_finite(big, "a")
+    acc = WeightedMean()
+    acc.add(big, 1.0, site="a")
+    assert torch.equal(acc.compute()["w"], big["w"])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_first_nonfinite_names_the_tensor(bad):
+    state = _state(0)
+    state["half"][3] = bad
+    assert first_nonfinite(state) == "half"
+    with pytest.raises(NonFiniteStateError, match="`half`"):
+        check_finite(state, "x")
+
+
+def test_load_by_copy_equals_load_state_dict_for_the_segmentation_module():
+    kwargs = {"arch": "unet", "encoder_name": "tu-resnet10t", "encoder_depth": 3, "decoder_channels": [8, 8, 8]}
+    module = BrainTumorSegmentation(**kwargs)
+    assert loads_by_copy(module)  # so the fast path is the one the engine takes for it
+    other = BrainTumorSegmentation(**kwargs)
+    for p in other.parameters():
+        p.data.normal_()
+    state = {k: v.clone() for k, v in other.state_dict().items()}
+    params = list(module.parameters())
+    load_by_copy(module, module.state_dict(keep_vars=True), state)
+    assert all(torch.equal(v, state[k]) for k, v in module.state_dict().items())
+    assert list(module.parameters()) == params  # the same Parameter objects: optimizers still hold them
+
+
+class _Hooked(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self._register_load_state_dict_pre_hook(self._double)
+
+    @staticmethod
+    def _double(state, prefix, *args):
+        state[prefix + "lin.bias"] = state[prefix + "lin.bias"] * 2
+
+
+class _CustomLoad(nn.Linear):
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        state_dict = {k: v + 1 for k, v in state_dict.items()}
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+
+def test_modules_whose_loading_is_not_a_copy_keep_load_state_dict():
+    for module in (_Hooked(), nn.Sequential(_CustomLoad(2, 2))):
+        assert not loads_by_copy(module)
+        state = {k: torch.ones_like(v) for k, v in module.state_dict().items()}
+        reference = type(module)() if isinstance(module, _Hooked) else nn.Sequential(_CustomLoad(2, 2))
+        reference.load_state_dict(state)
+        load_by_copy(module, None, state)  # the engine passes no live tensors for such a module
+        pairs = zip(module.state_dict().values(), reference.state_dict().values(), strict=True)
+        assert all(torch.equal(a, b) for a, b in pairs)
+
+
+def test_load_by_copy_falls_back_when_keys_or_shapes_differ():
+    module = nn.Linear(2, 2)
+    live = module.state_dict(keep_vars=True)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        load_by_copy(module, live, {"weight": torch.zeros(3, 2), "bias": torch.zeros(2)})
+    with pytest.raises(RuntimeError, match="Missing key"):
+        load_by_copy(module, live, {"weight": torch.zeros(2, 2)})
