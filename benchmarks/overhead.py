@@ -685,6 +685,21 @@ def tables(report: dict[str, Any]) -> str:
                 f"| {p['load_average_before']:.1f} / {p['load_average_after']:.1f} | {ranks} |"
             )
         lines.append("")
+    work = report.get("masking")
+    if work:
+        lines += [
+            "### Masking work of one process per round (encode, mask against 2 peers, decode) vs one float64 add",
+            "",
+            "| model | values | encode s | mask s | decode s | total s | one float64 add s |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in work:
+            total = r["encode_s"] + r["mask_s"] + r["decode_s"]
+            lines.append(
+                f"| {r['model']} | {r['values']:,} | {r['encode_s']:.4f} | {r['mask_s']:.4f} | {r['decode_s']:.4f} "
+                f"| {total:.4f} | {r['float64_add_s']:.5f} |"
+            )
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -778,6 +793,40 @@ def plot_aggregation(report: dict[str, Any], out: Path) -> list[Path]:
     return [save_figure(fig, out / f"{report['preset']['name']}-overhead-aggregation.png")]
 
 
+# ---------------------------------------------------------------------------------- 5. masking work
+def masking_work(preset: Preset, peers: int = 2, repeats: int = 3) -> list[dict[str, Any]]:
+    """The arithmetic of one masked round on one process, for each model preset's size: encode the
+    float64 sum to fixed point, add ``peers`` ChaCha20 mask streams, decode the summed result;
+    beside one float64 add of the same size (the unmasked round's arithmetic). Best of ``repeats``."""
+    from lightning_fedseg.federation.masking import decode, encode, mask
+
+    rows = []
+    for name in preset.aggregation_models:
+        numel = sum(v.numel() for v in _model(name).state_dict().values()) + 2  # + total weight, count
+        values = torch.randn(numel, dtype=torch.float64)
+        keys = {peer: bytes([peer + 1]) * 32 for peer in range(1, peers + 1)}
+        timings: dict[str, float] = {"encode": float("inf"), "mask": float("inf"), "decode": float("inf")}
+        add = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            encoded = encode(values)
+            middle = time.perf_counter()
+            masked = mask(encoded, 0, keys, round_idx=0)
+            end = time.perf_counter()
+            decode(masked)
+            done = time.perf_counter()
+            for key, took in (("encode", middle - start), ("mask", end - middle), ("decode", done - end)):
+                timings[key] = min(timings[key], took)
+            other = values.clone()
+            start = time.perf_counter()
+            other.add_(values)
+            add = min(add, time.perf_counter() - start)
+        rows.append({"model": name, "values": numel, "peers": peers, **{f"{k}_s": v for k, v in timings.items()},
+                     "float64_add_s": add})  # fmt: skip
+        print(f"  masking {name}: {sum(timings.values()):.3f} s against {add:.4f} s for one add", flush=True)
+    return rows
+
+
 # ---------------------------------------------------------------------------------- main
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
@@ -785,8 +834,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--sections",
         nargs="+",
-        choices=("strategy", "handover", "aggregation", "loader", "processes"),
-        default=["strategy", "handover", "aggregation", "loader", "processes"],
+        choices=("strategy", "handover", "aggregation", "loader", "processes", "masking"),
+        default=["strategy", "handover", "aggregation", "loader", "processes", "masking"],
     )
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=None, help="rounds per distributed run")
@@ -830,6 +879,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
             "aggregation": lambda: aggregation(preset, work),
             "loader": lambda: loader_vs_model(preset, work),
             "processes": lambda: processes(preset, work),
+            "masking": lambda: masking_work(preset),
         }
         for name in args.sections:
             print(f"{name} ...", flush=True)

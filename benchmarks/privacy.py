@@ -55,7 +55,8 @@ class Job:
 
 
 def settings() -> list[str]:
-    return ["nodp", "clip", *(f"eps{e:g}" for e in sorted(EPSILONS, reverse=True))]
+    """In the order they run: the epsilons before clipping alone (the reference that explains them)."""
+    return ["nodp", *(f"eps{e:g}" for e in sorted(EPSILONS, reverse=True)), "clip"]
 
 
 def label(setting: str) -> str:
@@ -181,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out = args.out or REPO_ROOT / "benchmarks" / "results" / f"privacy-{preset.name}"
     folder = out / "runs"
     folder.mkdir(parents=True, exist_ok=True)
-    jobs = [Job(split, setting, seed) for seed in preset.seeds for split in splits for setting in settings()]
+    jobs = [Job(split, setting, seed) for setting in settings() for seed in preset.seeds for split in splits]
     algorithms_runs = REPO_ROOT / "benchmarks" / "results" / f"algorithms-{preset.name}" / "runs"
     reuse_fedavg(folder, args.algorithms_runs or algorithms_runs, jobs)
     if not args.report:

@@ -148,6 +148,9 @@ def test_overhead_smoke(smoke: dict[str, tuple[int, str, Path]]) -> None:
     assert (handover["sites"], handover["batches_per_epoch"]) == (10, 10)
     assert all(math.isfinite(v) and v > 0 for v in handover["timer_ms_per_site"].values() if isinstance(v, float))
 
+    (work,) = result["masking"]  # the smoke preset measures the CPU model only
+    assert work["model"] == "cpu" and work["values"] > 4e5 and work["mask_s"] > 0
+
     (loader,) = result["loader"]
     assert loader["loader_cached"] > 0 and loader["model_cpu"] > 0
 

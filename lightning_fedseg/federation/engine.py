@@ -271,11 +271,13 @@ class RoundEngine:
                 load_by_copy(module, rnd.live, server.step_from_sites(rnd.global_state, states, weights, rnd.index))
         else:
             sums, total = rnd.accumulator.sums()
+            reference = rnd.global_state
             if isinstance(server, DPFedAvg):  # each process adds its share of the noise to its own sum
-                zeros = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in rnd.global_state.items()}
+                reference = {**rnd.global_state, **server.extra_sums()}  # and the count of unclipped sites
+                zeros = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in reference.items()}
                 sums = server.noise_share({**zeros, **sums}, rnd.global_state, comm.world_size, comm.rank, rnd.index)
             sums, total, succeeded = comm.all_reduce_sums(
-                sums, total, len(rnd.succeeded), rnd.global_state, rnd.comm, rnd.index, masked=strategy.masking
+                sums, total, len(rnd.succeeded), reference, rnd.comm, rnd.index, masked=strategy.masking
             )
             if isinstance(server, DPFedAvg) and succeeded >= strategy.min_sites:
                 load_by_copy(module, rnd.live, server.step_from_sum(rnd.global_state, sums, rnd.index))

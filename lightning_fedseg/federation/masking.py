@@ -84,8 +84,11 @@ def mask_stream(key: bytes, round_idx: int, numel: int) -> Tensor:
     """
     nonce = int(round_idx).to_bytes(16, "little")
     encryptor = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
-    data = encryptor.update(bytes(8 * numel))
-    return torch.frombuffer(bytearray(data), dtype=torch.int64).clone()
+    # The keystream is written straight into the tensor (update_into wants room for one more block).
+    out = torch.empty(numel + 64 // 8, dtype=torch.int64)
+    written = encryptor.update_into(bytes(8 * numel), out.numpy().data.cast("B"))
+    assert written == 8 * numel
+    return out[:numel]
 
 
 def mask(encoded: Tensor, rank: int, pair_keys: Mapping[int, bytes], round_idx: int) -> Tensor:
@@ -102,7 +105,10 @@ def mask(encoded: Tensor, rank: int, pair_keys: Mapping[int, bytes], round_idx: 
     out = encoded.clone()
     for peer, key in sorted(pair_keys.items()):
         stream = mask_stream(key, round_idx, encoded.numel())
-        out = out + stream if peer > rank else out - stream
+        if peer > rank:
+            out.add_(stream)
+        else:
+            out.sub_(stream)
     return out
 
 

@@ -18,6 +18,14 @@ aggregation, not even of one other process's).
 Privacy is accounted by opacus (``rdp`` or ``prv``) with the site sampling rate ``q`` (FedAvg's
 ``fraction``); ``privacy/epsilon`` at ``delta`` is logged every round; ``target_epsilon`` stops
 training at the end of the last round that keeps epsilon within it.
+
+Adaptive clipping (Andrew et al., NeurIPS 2021), with ``target_unclipped_quantile`` ``gamma``: each
+site also reports ``b_i = 1[||Delta_i|| <= C]``; the sum of the ``b_i`` gets Gaussian noise of
+standard deviation ``count_stddev`` ``sigma_b`` (default ``q N / 20``, the paper's) and the fixed
+denominator, ``b = (sum b_i + N(0, sigma_b^2)) / (q N)``, and the next round clips at
+``C exp(-clip_learning_rate * (b - gamma))``. The updates' noise multiplier becomes
+``sigma_Delta = (sigma^-2 - (2 sigma_b)^-2)^-1/2``, so that the two releases together are one
+Gaussian mechanism of noise multiplier ``sigma`` (their Theorem 1): the accounting is unchanged.
 """
 
 from __future__ import annotations
@@ -71,6 +79,11 @@ class DPFedAvg(ServerStep):
         accountant: ``"rdp"`` or ``"prv"`` (opacus).
         noise_seed: seed the noise (for tests and reproductions only: whoever knows the seed can
             remove the noise). Default: fresh operating-system randomness every round.
+        target_unclipped_quantile: ``gamma`` of adaptive clipping (Andrew et al.): the share of sites
+            whose update should fit within the clipping norm, e.g. 0.5; ``None``: a fixed ``clip_norm``
+            (which is then the initial norm of adaptive clipping).
+        clip_learning_rate: ``eta_C``, the geometric step of the clipping norm per round.
+        count_stddev: ``sigma_b``, the noise on the count of unclipped sites (default ``q N / 20``).
         optimizer: a FedAvg-family server step (FedAvgM, FedAdam, FedYogi, FedAdagrad) applied to the
             noised aggregate (post-processing: the privacy guarantee is unchanged); robust rules,
             which need every site's own state, cannot follow DP.
@@ -85,6 +98,9 @@ class DPFedAvg(ServerStep):
         accountant: str = "rdp",
         noise_seed: int | None = None,
         optimizer: ServerStep | None = None,
+        target_unclipped_quantile: float | None = None,
+        clip_learning_rate: float = 0.2,
+        count_stddev: float | None = None,
     ) -> None:
         super().__init__()
         if optimizer is not None and (optimizer.needs_site_states or isinstance(optimizer, DPFedAvg)):
@@ -102,6 +118,16 @@ class DPFedAvg(ServerStep):
             raise ValueError(f"Expected `target_epsilon` to be positive, but got {target_epsilon!r}.")
         if accountant not in ("rdp", "prv"):
             raise ValueError(f"Expected `accountant` to be 'rdp' or 'prv', but got {accountant!r}.")
+        if target_unclipped_quantile is not None and not 0.0 < target_unclipped_quantile < 1.0:
+            raise ValueError(f"Expected `target_unclipped_quantile` in (0, 1), but got {target_unclipped_quantile!r}.")
+        if not clip_learning_rate > 0 or (count_stddev is not None and not count_stddev >= 0):
+            raise ValueError(
+                f"Expected a positive `clip_learning_rate` and a non-negative `count_stddev`, but got"
+                f" {clip_learning_rate!r} and {count_stddev!r}."
+            )
+        self.target_unclipped_quantile = target_unclipped_quantile
+        self.clip_learning_rate = float(clip_learning_rate)
+        self.count_stddev = count_stddev
         self.clip_norm = float(clip_norm)
         self.noise_multiplier = float(noise_multiplier)
         self.delta = float(delta)
@@ -120,6 +146,13 @@ class DPFedAvg(ServerStep):
     def setup_federation(self, num_sites: int, sample_rate: float) -> None:
         """The federation's size ``N`` and the site sampling rate ``q``."""
         self.num_sites, self.sample_rate = int(num_sites), float(sample_rate)
+        if self.adaptive and self.noise_multiplier > 0 and not 2 * self.count_sigma > self.noise_multiplier:
+            raise ValueError(
+                f"Adaptive clipping needs 2 * count_stddev > noise_multiplier, but the count's noise"
+                f" {self.count_sigma:.3g} (q N / 20 unless `count_stddev` is given) is too small for"
+                f" noise_multiplier={self.noise_multiplier}: the updates' noise would have to be infinite."
+                f" HINT: raise `count_stddev` above {self.noise_multiplier / 2:.3g} (it costs some of the budget)."
+            )
         if self.target_epsilon is not None and self.epsilon(extra_rounds=1) > self.target_epsilon:
             raise ValueError(
                 f"One round of DP-FedAvg with noise_multiplier={self.noise_multiplier} and sampling rate"
@@ -151,11 +184,49 @@ class DPFedAvg(ServerStep):
         return self.target_epsilon is not None and self.epsilon(extra_rounds=1) > self.target_epsilon
 
     def metrics(self) -> dict[str, float]:
-        return {"privacy/epsilon": self.epsilon()}
+        out = {"privacy/epsilon": self.epsilon()}
+        if self.adaptive:
+            out["privacy/clip_norm"] = self.clip_norm
+        return out
+
+    # ------------------------------------------------------------------ adaptive clipping
+    COUNT_KEY = "__dp_unclipped_sites__"
+
+    @property
+    def adaptive(self) -> bool:
+        return self.target_unclipped_quantile is not None
+
+    @property
+    def count_sigma(self) -> float:
+        """``sigma_b``, the noise on the count of unclipped sites."""
+        if self.count_stddev is not None:
+            return float(self.count_stddev)
+        return self.sample_rate * self.num_sites / 20
+
+    @property
+    def update_noise_multiplier(self) -> float:
+        """``sigma_Delta``: ``sigma`` itself, or ``(sigma^-2 - (2 sigma_b)^-2)^-1/2`` with adaptive clipping.
+
+        Example:
+            >>> DPFedAvg(noise_multiplier=2.0, target_unclipped_quantile=0.5, count_stddev=5.0).update_noise_multiplier
+            2.041241452319315
+        """
+        sigma = self.noise_multiplier
+        if not self.adaptive or sigma == 0:
+            return sigma
+        return (sigma**-2 - (2 * self.count_sigma) ** -2) ** -0.5
+
+    def extra_sums(self) -> dict[str, Tensor]:
+        """The sums beside the model's that the round adds up (the count of unclipped sites)."""
+        return {self.COUNT_KEY: torch.zeros((), dtype=torch.float64)} if self.adaptive else {}
 
     # ------------------------------------------------------------------ the round
     def clip(self, state: State, global_state: State) -> dict[str, Tensor]:
-        return clip_update(state, global_state, self.clip_norm)[0]
+        """A site's clipped update (with adaptive clipping, and its 0/1 "fits within the norm")."""
+        update, norm = clip_update(state, global_state, self.clip_norm)
+        if self.adaptive:
+            update[self.COUNT_KEY] = torch.tensor(1.0 if norm <= self.clip_norm else 0.0, dtype=torch.float64)
+        return update
 
     def noise_share(
         self, sums: Mapping[str, Tensor], global_state: State, world_size: int, rank: int, round_idx: int
@@ -164,17 +235,27 @@ class DPFedAvg(ServerStep):
         keys that are floating tensors of the model (one draw per tensor, in state order)."""
         seed = secrets.randbits(63) if self.noise_seed is None else derive_seed(self.noise_seed, round_idx, rank)
         generator = torch.Generator().manual_seed(seed)
-        std = self.noise_multiplier * self.clip_norm / math.sqrt(world_size)
+        std = self.update_noise_multiplier * self.clip_norm / math.sqrt(world_size)
         out = {}
         for key, value in sums.items():
+            if key == self.COUNT_KEY:
+                continue
             if global_state[key].is_floating_point():
                 value = value + std * torch.randn(value.shape, generator=generator, dtype=torch.float64)
             out[key] = value
+        if self.adaptive:
+            count = sums.get(self.COUNT_KEY, torch.zeros((), dtype=torch.float64))
+            noise = self.count_sigma / math.sqrt(world_size) * torch.randn((), generator=generator, dtype=torch.float64)
+            out[self.COUNT_KEY] = count + noise
         return out
 
     def step_from_sum(self, global_state: State, noisy_sum: State, round_idx: int) -> dict[str, Tensor]:
         """``x + (sum of clipped updates + noise) / (q N)``; integer buffers keep the global value."""
         denominator = self.sample_rate * self.num_sites
+        if self.adaptive:  # the next round's norm, from this round's noised share of unclipped sites
+            assert self.target_unclipped_quantile is not None
+            unclipped = float(noisy_sum[self.COUNT_KEY]) / denominator
+            self.clip_norm *= math.exp(-self.clip_learning_rate * (unclipped - self.target_unclipped_quantile))
         out = {}
         for key, x in global_state.items():
             if x.is_floating_point():
@@ -194,10 +275,11 @@ class DPFedAvg(ServerStep):
 
     def state_dict(self) -> dict[str, Any]:
         inner = self.optimizer.state_dict() if self.optimizer is not None else {}
-        return {"history": [list(h) for h in self.history], "optimizer": inner}
+        return {"history": [list(h) for h in self.history], "optimizer": inner, "clip_norm": self.clip_norm}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.history = [list(h) for h in state["history"]]
+        self.clip_norm = float(state.get("clip_norm", self.clip_norm))
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
 

@@ -32,6 +32,10 @@ SERVERS = {
     "median": CoordinateMedian,
     "krum": lambda: Krum(0, multi=2),
     "dp": lambda: DPFedAvg(clip_norm=1.0, noise_multiplier=0.5),
+    # adaptive clipping without noise: deterministic, so several processes must equal one
+    "dp_adaptive": lambda: DPFedAvg(
+        clip_norm=0.05, noise_multiplier=0.0, target_unclipped_quantile=0.5, count_stddev=0.0
+    ),
 }
 CLIENTS = {"fedprox": lambda: FedProx(mu=0.1), "scaffold": SCAFFOLD, "fedbn": FedBN}
 

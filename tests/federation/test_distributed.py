@@ -158,6 +158,23 @@ def test_dp_composes_with_masking_on_two_processes(tmp_path):
     assert all(torch.isfinite(v).all() for v in result["state"].values() if v.is_floating_point())
 
 
+def test_adaptive_clipping_on_two_masked_processes_equals_one(tmp_path):
+    """The count of unclipped sites crosses the all-reduce with the sums: the clipping norms and the
+    weights of 2 masked processes equal one process's (no noise, so the runs are deterministic)."""
+    results = []
+    for world in (1, 2):
+        out = tmp_path / f"out{world}.pt"
+        proc = run("fedavg", world, out, "--masking", "--server", "dp_adaptive", "--forbid-object-collectives")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results.append(load(out))
+    one, two = results
+    norms = [h["privacy/clip_norm"] for h in one["history"]]
+    assert len(set(norms)) == 3  # the norm moved every round
+    assert [h["privacy/clip_norm"] for h in two["history"]] == pytest.approx(norms, rel=1e-9)
+    for key, value in one["state"].items():
+        torch.testing.assert_close(two["state"][key], value, rtol=1e-5, atol=1e-5)
+
+
 def test_cds_on_two_processes_is_plain_ddp(tmp_path):
     """Two processes of batch 4 (DDP over the pooled data) equal one process of batch 8."""
     common = ("--no-batchnorm", "--no-shuffle", "--rounds", "2")

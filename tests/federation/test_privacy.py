@@ -52,6 +52,49 @@ def test_one_dp_round_by_hand(tmp_path):
     assert strategy.history[0]["privacy/epsilon"] == pytest.approx(reference.get_epsilon(delta=1e-5))
 
 
+def test_adaptive_clipping_round_by_hand(tmp_path):
+    """Andrew et al. without noise: the round clips at C0; the next norm is C0 exp(-eta (b - gamma)),
+    b the share of sites whose update fits within C0 (here 2 of 3: the norm is the middle one's)."""
+    init = initial()
+    trained = alone(tmp_path / "alone", init)
+    norms = sorted(clip_update(s, init, 1.0)[1] for s in trained)
+    c0, gamma, eta = norms[1], 0.9, 0.2
+    clipped = [clip_update(s, init, c0)[0] for s in trained]
+    dp = DPFedAvg(clip_norm=c0, noise_multiplier=0.0, target_unclipped_quantile=gamma, clip_learning_rate=eta,
+                  count_stddev=0.0)  # fmt: skip
+    strategy, fed = federate(tmp_path / "fed", init=init, server=dp)
+    for key, x in init.items():
+        expected = x if not x.is_floating_point() else (x.double() + sum(c[key].double() for c in clipped) / 3).float()
+        torch.testing.assert_close(fed.state_dict()[key], expected, rtol=1e-5, atol=1e-6, msg=key)
+    c1 = c0 * math.exp(-eta * (2 / 3 - gamma))
+    assert strategy.history[0]["privacy/clip_norm"] == pytest.approx(c1)
+    restored = DPFedAvg(clip_norm=1.0, target_unclipped_quantile=gamma)
+    restored.load_state_dict(dp.state_dict())  # a resumed run clips at the norm it had reached
+    assert restored.clip_norm == pytest.approx(c1)
+
+
+def test_adaptive_clipping_splits_the_noise_between_updates_and_count():
+    """sigma_Delta = (sigma^-2 - (2 sigma_b)^-2)^-1/2 on the updates, sigma_b on the count, each shared
+    over the processes; the count's default noise is q N / 20, refused where it cannot be afforded."""
+    dp = DPFedAvg(clip_norm=2.0, noise_multiplier=1.5, target_unclipped_quantile=0.5, count_stddev=4.0, noise_seed=3)
+    dp.setup_federation(num_sites=40, sample_rate=1.0)
+    sigma_delta = (1.5**-2 - 8.0**-2) ** -0.5
+    assert dp.update_noise_multiplier == pytest.approx(sigma_delta)
+    zero = {"w": torch.zeros(20000, dtype=torch.float64)}
+    draws = [dp.noise_share({**zero, **dp.extra_sums()}, zero, world_size=4, rank=r, round_idx=i)
+             for i in range(500) for r in range(4)]  # fmt: skip
+    total = torch.stack([d["w"] for d in draws[:4]]).sum(0)  # one round: the four processes' shares
+    assert total.var().item() == pytest.approx((sigma_delta * 2.0) ** 2, rel=0.05)
+    counts = torch.stack([d[DPFedAvg.COUNT_KEY] for d in draws]).view(500, 4).sum(1)
+    assert counts.var().item() == pytest.approx(16.0, rel=0.15)
+    default = DPFedAvg(noise_multiplier=1.5, target_unclipped_quantile=0.5)
+    with pytest.raises(ValueError, match=r"2 \* count_stddev > noise_multiplier.*raise `count_stddev` above 0.75"):
+        default.setup_federation(num_sites=10, sample_rate=1.0)  # q N / 20 = 0.5
+    default.setup_federation(num_sites=40, sample_rate=1.0)  # q N / 20 = 2: affordable
+    with pytest.raises(ValueError, match="target_unclipped_quantile"):
+        DPFedAvg(target_unclipped_quantile=1.0)
+
+
 def test_dp_composes_with_a_server_optimizer(tmp_path):
     """A server optimizer after the noise is post-processing; FedAvgM(1, 0) leaves DP-FedAvg as it is."""
     from lightning_fedseg.federation import FedAdam, FedAvgM, Krum
