@@ -71,6 +71,15 @@ from benchmarks.common import (
     trainer_defaults,
     write_json,
 )
+from benchmarks.convergence import (
+    DEFAULT_PATIENCE,
+    SiteTimer,
+    early_stopping,
+    run_converged,
+    stop_record,
+    stops_text,
+    time_to_accuracy_table,
+)
 from lightning_fedseg import (
     CDS,
     CIIL,
@@ -140,7 +149,29 @@ class Preset:
     jobs: int
     splits: str
     notes: tuple[str, ...] = field(default=())
+    patience: int | None = None  # train to convergence (benchmarks/convergence.py); None: fixed rounds
 
+
+QUICK = Preset(
+    name="quick",
+    model="cpu",
+    accelerator="cpu",
+    synthetic_subjects=None,  # the package default, 120 subjects
+    synthetic_shape=(48, 48, 32),
+    crop_size=None,
+    slice_policy="brain",
+    batch_size=16,
+    num_workers=0,
+    seeds=(0, 1),
+    rounds=10,
+    simulated_rounds=10,
+    simulated_sites=(4, 8, 16, 32),
+    iil_patience=3,
+    iil_max_epochs_per_site=12,
+    threads=1,
+    jobs=2,
+    splits="real",
+)
 
 PRESETS: dict[str, Preset] = {
     "smoke": Preset(
@@ -164,25 +195,24 @@ PRESETS: dict[str, Preset] = {
         splits="all",
         notes=("smoke preset: tiny data, 1 seed, 2 rounds; for tests only",),
     ),
-    "quick": Preset(
-        name="quick",
-        model="cpu",
-        accelerator="cpu",
-        synthetic_subjects=None,  # the package default, 120 subjects
-        synthetic_shape=(48, 48, 32),
-        crop_size=None,
-        slice_policy="brain",
-        batch_size=16,
-        num_workers=0,
-        seeds=(0, 1),
-        rounds=10,
-        simulated_rounds=10,
-        simulated_sites=(4, 8, 16, 32),
-        iil_patience=3,
-        iil_max_epochs_per_site=12,
-        threads=1,
-        jobs=2,
-        splits="real",
+    "quick": QUICK,
+    # Convergence presets: `rounds` / `simulated_rounds` are the caps; see benchmarks/convergence.py.
+    "table2": replace(
+        QUICK,
+        name="table2",
+        seeds=(0, 1, 2),
+        rounds=20,
+        patience=DEFAULT_PATIENCE,
+        notes=("table2 preset: at convergence (patience 5, at most 20 rounds), 3 seeds; estimated 45 min",),
+    ),
+    "table3": replace(
+        QUICK,
+        name="table3",
+        seeds=(0, 1, 2),
+        simulated_rounds=20,
+        splits="simulated",
+        patience=DEFAULT_PATIENCE,
+        notes=("table3 preset: at convergence (patience 5, at most 20 rounds), 3 seeds; estimated under 2 h",),
     ),
     "paper": Preset(
         name="paper",
@@ -363,13 +393,19 @@ def run_job(preset: Preset, job: Job, data_root: str | None, dry_run: bool = Fal
     elif job.mode == "iil":
         select = None
         cap = preset.iil_max_epochs_per_site
-        max_epochs = len(sites) * (cap if cap is not None else 200)
+        # At convergence the pass is capped at `rounds` epochs per institution.
+        max_epochs = len(sites) * (rounds if preset.patience else cap if cap is not None else 200)
     recorder = RoundRecorder(select=select, keep_all=job.mode == "ciil")
-    callbacks.insert(0, recorder)
+    timer = SiteTimer()
+    callbacks[:0] = [recorder, timer]
     limits: dict[str, Any] = {}
     if dry_run:
         max_epochs, val_every = 1, 1
         limits = {"limit_train_batches": 1, "limit_val_batches": 0}
+    stopper = None
+    if preset.patience is not None and job.mode != "iil" and not dry_run:
+        stopper = early_stopping(select or "val/dice", preset.patience)  # CIIL: patience counts cycles
+        callbacks.append(stopper)
     trainer = pl.Trainer(
         **trainer_defaults(preset.accelerator),
         strategy=FederatedStrategy(mode, optimizer_state="reset", seed=job.seed),
@@ -405,7 +441,11 @@ def run_job(preset: Preset, job: Job, data_root: str | None, dry_run: bool = Fal
         "fit_seconds": fit_seconds,
         "global_step": trainer.global_step,
         "device": str(trainer.strategy.root_device),
+        "site_seconds": timer.epochs,
+        "model_bytes": sum(t.numel() * t.element_size() for t in model.state_dict().values()),
     }
+    if preset.patience is not None and not dry_run:
+        result.update(stop_record(job.mode, stopper, mode, len(recorder.rounds)))
     if dry_run:
         result["heldout"] = float("nan") if job.mode == "iil" else heldout()
     elif job.mode == "ciil":
@@ -520,6 +560,13 @@ def summarize_mode(results: Sequence[dict[str, Any]], split: str, mode: str) -> 
     runs = _runs(results, split, mode)
     if not runs:
         return None
+    summary = _summarize(runs, mode)
+    if stops_text(runs):
+        summary["stops"] = stops_text(runs)
+    return summary
+
+
+def _summarize(runs: Sequence[dict[str, Any]], mode: str) -> dict[str, Any]:
     if mode == "ciil":
         per_seed = [list(r["heldout_per_cycle"].values()) for r in runs]
         every = [v for values in per_seed for v in values]
@@ -590,7 +637,7 @@ def real_table(results: Sequence[dict[str, Any]], preset: Preset) -> tuple[str, 
         paper_pct = f"{paper[2]:g}" if paper else "-"
         lines.append(
             f"| {label} | {fmt_mean_std(summary['mean'], summary['std'])} | {percent:.1f} "
-            f"| {paper_dice} | {paper_pct} | {summary['how']} |"
+            f"| {paper_dice} | {paper_pct} | {summary['how']}{_stops(summary)} |"
         )
     return "\n".join(lines), summaries
 
@@ -598,8 +645,9 @@ def real_table(results: Sequence[dict[str, Any]], preset: Preset) -> tuple[str, 
 def simulated_table(results: Sequence[dict[str, Any]], preset: Preset) -> tuple[str, dict[str, Any]]:
     """The paper's Table 3 beside ours (markdown) and its numbers."""
     sizes = sorted({r["num_sites"] for r in results if r["split"].startswith("sim") and r["mode"] != "cds"})
-    cds_split = f"sim{min(preset.simulated_sites)}"
-    cds = summarize_mode(results, cds_split, "cds")
+    cds_sizes = sorted(r["num_sites"] for r in results if r["split"].startswith("sim") and r["mode"] == "cds")
+    cds_size = cds_sizes[0] if cds_sizes else min(preset.simulated_sites)
+    cds = summarize_mode(results, f"sim{cds_size}", "cds")
     reference = cds["mean"] if cds else float("nan")
     numbers: dict[str, Any] = {"cds": cds}
     header = "| institutions | " + " | ".join(
@@ -618,15 +666,20 @@ def simulated_table(results: Sequence[dict[str, Any]], preset: Preset) -> tuple[
                 continue
             summary["percent_of_cds"] = 100 * summary["mean"] / reference
             numbers[str(n)][mode] = summary
-            cells += [f"{fmt_mean_std(summary['mean'], summary['std'])} ({summary['percent_of_cds']:.1f}%)", paper_cell]
+            figure_cell = f"{fmt_mean_std(summary['mean'], summary['std'])} ({summary['percent_of_cds']:.1f}%)"
+            cells += [figure_cell + _stops(summary), paper_cell]
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     if cds:
         lines.append("")
         lines.append(
-            f"CDS reference (pooled {min(preset.simulated_sites)}-site split, {cds['how']}): "
+            f"CDS reference (pooled {cds_size}-site split, {cds['how']}): "
             f"{fmt_mean_std(cds['mean'], None)} (paper: 0.862). FedAvg, IIL: {SIMULATED_HOW}."
         )
     return "\n".join(lines), numbers
+
+
+def _stops(summary: dict[str, Any]) -> str:
+    return f" [{summary['stops']}]" if "stops" in summary else ""
 
 
 SIMULATED_HOW = "mean ± std over seeds (FedAvg at its best-validation round, IIL final); CIIL over every cycle"
@@ -811,6 +864,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sites", type=int, nargs="+", default=None, help="simulated federation sizes")
     parser.add_argument("--iil-patience", type=int, default=None)
     parser.add_argument("--iil-max-epochs-per-site", type=int, default=None, help="0: no cap")
+    parser.add_argument(
+        "--converge",
+        action="store_true",
+        help="train every run to convergence (early stopping on val/dice; benchmarks/convergence.py): rounds "
+        "become caps, each finished run is kept in <out>/runs/ and not repeated",
+    )
+    parser.add_argument(
+        "--patience",
+        type=int,
+        default=None,
+        help=f"rounds without a better val/dice before a run stops (implies --converge; default {DEFAULT_PATIENCE})",
+    )
+    parser.add_argument("--max-rounds", type=int, default=None, help="the cap of rounds of every split (--converge)")
     parser.add_argument("--jobs", type=int, default=None, help="runs in parallel (worker processes)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run")
     parser.add_argument("--accelerator", default=None)
@@ -861,6 +927,12 @@ def resolve_preset(args: argparse.Namespace) -> Preset:
         overrides["iil_max_epochs_per_site"] = args.iil_max_epochs_per_site or None
     if args.splits is not None:
         overrides["splits"] = args.splits
+    if args.patience is not None:
+        overrides["patience"] = args.patience
+    elif args.converge and preset.patience is None:
+        overrides["patience"] = DEFAULT_PATIENCE
+    if args.max_rounds is not None:
+        overrides.update(rounds=args.max_rounds, simulated_rounds=args.max_rounds)
     if args.dry_run:
         overrides["seeds"] = tuple(overrides.get("seeds", preset.seeds))[:1]
     if args.name is not None:
@@ -880,13 +952,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     jobs = plan_jobs(preset, preset.splits, modes, args.data_root)
     print(f"{len(jobs)} runs, preset {preset.name}, {preset.jobs} worker(s) x {preset.threads or 'default'} thread(s)")
     started = time.perf_counter()
-    warm = warm_cache(preset, jobs, args.data_root)
-    results = run_all(preset, jobs, args.data_root, args.dry_run)
+    out = args.out or REPO_ROOT / "benchmarks" / "results" / f"collaboration_modes-{preset.name}"
+    if preset.patience is not None and not args.dry_run:  # one JSON per run, resumable
+        results, warm = run_converged(preset, jobs, out / "runs", args.data_root)
+    else:
+        warm = warm_cache(preset, jobs, args.data_root)
+        results = run_all(preset, jobs, args.data_root, args.dry_run)
     total = time.perf_counter() - started
     if args.dry_run:
         print(f"dry run: built and trained 1 batch of {len(results)} runs in {total:.0f} s")
         return {"results": results}
-    out = args.out or REPO_ROOT / "benchmarks" / "results" / f"collaboration_modes-{preset.name}"
     meta.update(wall_seconds=total, warm_seconds=warm, preset_base=args.preset, preset=asdict(preset))
     return report({"meta": meta, "runs": results}, preset, out, args.plots_dir)
 
@@ -896,9 +971,15 @@ def budget_notes(preset: Preset, results: Sequence[dict[str, Any]]) -> list[str]
     notes = list(preset.notes)
     seeds = sorted({r["seed"] for r in results})
     rounds = {r["split"]: len(r["rounds"]) for r in results if r["mode"] in ("cds", "fedavg", "ciil")}
-    if "real" in rounds:
+    if preset.patience is not None:
+        notes.append(
+            f"at convergence: each run stops when val/dice (single sites: their own) has not improved for"
+            f" {preset.patience} rounds (CIIL: cycles), or at the cap (real split {preset.rounds}, simulated"
+            f" {preset.simulated_rounds}; IIL: cap x institutions epochs); [rounds used and why, per seed]"
+        )
+    elif "real" in rounds:
         notes.append(f"{preset.rounds} rounds/cycles/epochs on the real split (CDS, FedAvg, CIIL)")
-    if any(split.startswith("sim") for split in rounds):
+    if preset.patience is None and any(split.startswith("sim") for split in rounds):
         notes.append(f"{preset.simulated_rounds} rounds/cycles/epochs on the simulated splits")
     notes.append(f"{len(seeds)} seed(s)")
     if any(r["mode"] == "iil" for r in results) and (preset.iil_patience != 8 or preset.iil_max_epochs_per_site):
@@ -923,6 +1004,10 @@ def report(document: dict[str, Any], preset: Preset, out: Path, plots_dir: Path)
         text, numbers = simulated_table(results, preset)
         tables["simulated"] = numbers
         markdown += ["### Simulated splits (paper Table 3): held-out Dice (% of CDS)", "", text, ""]
+    if preset.patience is not None:
+        text, numbers = time_to_accuracy_table(results)
+        tables["time_to_accuracy"] = numbers
+        markdown += ["### Time to accuracy (simulated institutions; benchmarks/time_to_accuracy.py)", "", text]
     plots = []
     plots += plot_real(results, preset, plots_dir) if "real" in tables else []
     plots += plot_forgetting(results, preset, plots_dir) if "real" in tables else []
