@@ -24,6 +24,16 @@ MODE_COLORS = {
 }
 
 
+def _finish(ax: Any, xlabel: str, title: str, ylabel: str | None = None) -> None:
+    """Labels, title, grid and legend of one panel."""
+    ax.set_xlabel(xlabel)
+    if ylabel is not None:
+        ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+
+
 def _band(ax: Any, xs: Sequence[float], series: Sequence[Sequence[float]], color: str, label: str, **kw: Any) -> None:
     length = min(len(s) for s in series)
     arr = np.asarray([s[:length] for s in series], dtype=float)
@@ -53,11 +63,12 @@ def plot_real(results: Sequence[dict[str, Any]], preset: Preset, out: Path) -> l
         elif "selected_round" in runs[0]:
             for run in runs:
                 ax.plot((run["selected_round"] + 1) / scale, run["heldout"], marker="*", color=MODE_COLORS[mode], ms=9)
-    ax.set_xlabel("round / cycle / epoch over the pooled data (single sites: equal optimizer steps)")
-    ax.set_ylabel("Dice")
-    ax.set_title("Real-split analogue, 10 institutions (★ held-out Dice of the selected round)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    _finish(
+        ax,
+        "round / cycle / epoch over the pooled data (single sites: equal optimizer steps)",
+        "Real-split analogue, 10 institutions (★ held-out Dice of the selected round)",
+        ylabel="Dice",
+    )
     for run in iil_runs:
         rounds = run["rounds"]
         ax_iil.plot(
@@ -75,10 +86,11 @@ def plot_real(results: Sequence[dict[str, Any]], preset: Preset, out: Path) -> l
                     ax_iil.axvline(entry["round"] + 0.5, color="grey", alpha=0.3, linewidth=0.8)
                 previous = entry["site"]
     if iil_runs:
-        ax_iil.set_xlabel("IIL epoch (grey: next institution)")
-        ax_iil.set_title(f"IIL, patience {preset.iil_patience} (dotted: final model's held-out Dice)")
-        ax_iil.grid(alpha=0.3)
-        ax_iil.legend(fontsize=8, loc="lower right")
+        _finish(
+            ax_iil,
+            "IIL epoch (grey: next institution)",
+            f"IIL, patience {preset.iil_patience} (dotted: final model's held-out Dice)",
+        )
     return [save_figure(fig, out / f"{preset.name}-real-dice-per-round.png")]
 
 
@@ -118,11 +130,12 @@ def plot_forgetting(results: Sequence[dict[str, Any]], preset: Preset, out: Path
         )
     for cycle in range(1, len(ciil[0]["heldout_per_cycle"])):
         ax.axvline(cycle * len(sites) + 0.5, color="grey", alpha=0.25, linewidth=0.8)
-    ax.set_xlabel(f"site step ({len(sites)} per cycle/round; red: right after institution {first} trained)")
-    ax.set_ylabel(f"Dice on institution {first}'s validation volumes")
-    ax.set_title(f"Forgetting: institution {first} (the largest) under CIIL")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    _finish(
+        ax,
+        f"site step ({len(sites)} per cycle/round; red: right after institution {first} trained)",
+        f"Forgetting: institution {first} (the largest) under CIIL",
+        ylabel=f"Dice on institution {first}'s validation volumes",
+    )
     for run in iil_runs:
         rounds = run["rounds"]
         ax_iil.plot(
@@ -132,10 +145,7 @@ def plot_forgetting(results: Sequence[dict[str, Any]], preset: Preset, out: Path
             label=f"IIL seed {run['seed']}",
         )
     if iil_runs:
-        ax_iil.set_xlabel("IIL epoch")
-        ax_iil.set_title(f"IIL: institution {first}'s validation Dice")
-        ax_iil.grid(alpha=0.3)
-        ax_iil.legend(fontsize=8, loc="lower right")
+        _finish(ax_iil, "IIL epoch", f"IIL: institution {first}'s validation Dice")
     return [save_figure(fig, out / f"{preset.name}-ciil-forgetting.png")]
 
 
