@@ -28,11 +28,19 @@ partition (the dataset) is fixed.
 
 Outputs: ``<out>/results.json`` (every round of every run), ``<out>/tables.md`` (printed too) and
 PNG plots in ``--plots-dir``. Presets: ``smoke`` (seconds, for tests), ``quick`` (the 10-institution
-table in about 20 minutes on 2 CPU cores), ``paper`` (the paper's settings, for a GPU)::
+table in about 20 minutes on 2 CPU cores), ``paper`` (the paper's settings, for a GPU), and the
+convergence presets ``table2`` and ``table3`` (the quick settings trained to convergence, 3 seeds;
+estimated 45 min and under 2 h on 2 CPU cores)::
 
     .venv/bin/python benchmarks/collaboration_modes.py --preset quick
     .venv/bin/python benchmarks/collaboration_modes.py --preset quick --splits simulated
     .venv/bin/python benchmarks/collaboration_modes.py --preset paper --dry-run
+    .venv/bin/python benchmarks/collaboration_modes.py --preset table3  # resumes from <out>/runs/
+
+With ``--converge`` (or ``--patience``; the ``table2``/``table3`` presets) every run trains until
+its validation Dice stops improving, rounds become caps (``--max-rounds``), each finished run is
+kept in ``<out>/runs/`` and not repeated, and a time-to-accuracy table is added; see
+``benchmarks/convergence.py`` and ``benchmarks/time_to_accuracy.py``.
 """
 
 from __future__ import annotations
