@@ -35,13 +35,21 @@ def _finish(ax: Any, xlabel: str, title: str, ylabel: str | None = None) -> None
 
 
 def _band(ax: Any, xs: Sequence[float], series: Sequence[Sequence[float]], color: str, label: str, **kw: Any) -> None:
-    length = min(len(s) for s in series)
-    arr = np.asarray([s[:length] for s in series], dtype=float)
+    """Mean ± std over the series; where some stopped earlier (early stopping), over those left."""
+    length = min(len(xs), max(len(s) for s in series))
+    arr = np.full((len(series), length), np.nan)
+    for row, values in zip(arr, series, strict=True):
+        row[: min(len(values), length)] = np.asarray(values[:length], dtype=float)
     mean = np.nanmean(arr, axis=0)
     ax.plot(xs[:length], mean, color=color, label=label, **kw)
     if len(series) > 1:
         std = np.nanstd(arr, axis=0)
         ax.fill_between(xs[:length], mean - std, mean + std, color=color, alpha=0.15, linewidth=0)
+
+
+def _longest(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the most validated rounds (its rounds are the x axis of a band)."""
+    return max(runs, key=lambda r: len(r["rounds"]))
 
 
 def plot_real(results: Sequence[dict[str, Any]], preset: Preset, out: Path) -> list[Path]:
@@ -55,11 +63,12 @@ def plot_real(results: Sequence[dict[str, Any]], preset: Preset, out: Path) -> l
             continue
         scale = runs[0]["val_every_n_epochs"]
         series = [[r.get("val/dice", float("nan")) for r in run["rounds"]] for run in runs]
-        xs = [(rec["round"] + 1) / scale for rec in runs[0]["rounds"]]
+        xs = [(rec["round"] + 1) / scale for rec in _longest(runs)["rounds"]]
         _band(ax, xs, series, MODE_COLORS[mode], f"{MODE_LABELS[mode]}: val/dice")
         if mode == "ciil":
             held = [list(run["heldout_per_cycle"].values()) for run in runs]
-            _band(ax, list(range(1, len(held[0]) + 1)), held, MODE_COLORS[mode], "CIIL: held-out", linestyle="--")
+            cycles = list(range(1, max(map(len, held)) + 1))
+            _band(ax, cycles, held, MODE_COLORS[mode], "CIIL: held-out", linestyle="--")
         elif "selected_round" in runs[0]:
             for run in runs:
                 ax.plot((run["selected_round"] + 1) / scale, run["heldout"], marker="*", color=MODE_COLORS[mode], ms=9)
@@ -164,21 +173,20 @@ def plot_simulated(results: Sequence[dict[str, Any]], preset: Preset, out: Path)
         color = colors(i / max(len(sizes) - 1, 1))
         runs = runs_of(results, f"sim{n}", "fedavg")
         series = [[r.get("val/dice", float("nan")) for r in run["rounds"]] for run in runs]
-        _band(ax, [r["round"] + 1 for r in runs[0]["rounds"]], series, color, f"FedAvg, {n} institutions")
+        _band(ax, [r["round"] + 1 for r in _longest(runs)["rounds"]], series, color, f"FedAvg, {n} institutions")
         ciil = runs_of(results, f"sim{n}", "ciil")
         if ciil:
             held = [list(run["heldout_per_cycle"].values()) for run in ciil]
-            _band(ax_ciil, list(range(1, len(held[0]) + 1)), held, color, f"CIIL, {n} institutions")
+            _band(ax_ciil, list(range(1, max(map(len, held)) + 1)), held, color, f"CIIL, {n} institutions")
     cds = runs_of(results, f"sim{min(preset.simulated_sites)}", "cds")
     if cds:
         series = [[r.get("val/dice", float("nan")) for r in run["rounds"]] for run in cds]
-        _band(ax, [r["round"] + 1 for r in cds[0]["rounds"]], series, "black", "CDS", linestyle="--")
+        _band(ax, [r["round"] + 1 for r in _longest(cds)["rounds"]], series, "black", "CDS", linestyle="--")
     real = runs_of(results, "real", "fedavg")
     if real:
         series = [[r.get("val/dice", float("nan")) for r in run["rounds"]] for run in real]
-        _band(
-            ax, [r["round"] + 1 for r in real[0]["rounds"]], series, "tab:red", "FedAvg, real split (10)", linestyle=":"
-        )
+        xs = [r["round"] + 1 for r in _longest(real)["rounds"]]
+        _band(ax, xs, series, "tab:red", "FedAvg, real split (10)", linestyle=":")
     ax.set_xlabel("round")
     ax.set_ylabel("validation Dice (val/dice)")
     ax.set_title("FedAvg convergence, simulated splits")
