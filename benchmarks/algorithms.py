@@ -23,13 +23,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +38,13 @@ from benchmarks.collaboration_modes import RoundRecorder
 from benchmarks.common import (
     REPO_ROOT,
     figure,
+    finished,
     fmt_mean_std,
     mean_std,
     model_kwargs,
     provenance,
     quiet,
+    run_pending,
     save_figure,
     set_threads,
     trainer_defaults,
@@ -194,27 +193,6 @@ def run_and_save(preset: Preset, job: Job, folder: Path) -> str:
     result = run_job(preset, job)
     write_json(folder / f"{job.key}.json", result)
     return f"{job.key}: held-out {result['heldout']:.3f} ({result['wall_seconds']:.0f} s)"
-
-
-def run_pending(
-    run_and_save: Callable[[Preset, Any, Path], str], preset: Preset, jobs: Sequence[Any], folder: Path
-) -> None:
-    """Run the jobs without a result file in ``folder`` (``preset.jobs`` at a time), printing a line each."""
-    todo = [j for j in jobs if not (folder / f"{j.key}.json").exists()]
-    if not todo:
-        return
-    print(f"{len(todo)} of {len(jobs)} runs to do ({len(jobs) - len(todo)} finished)", flush=True)
-    if preset.jobs <= 1:
-        for job in todo:
-            print(" ", run_and_save(preset, job, folder), flush=True)
-        return
-    with ProcessPoolExecutor(preset.jobs, mp_context=get_context("spawn")) as pool:
-        for line in pool.map(run_and_save, [preset] * len(todo), todo, [folder] * len(todo)):
-            print(" ", line, flush=True)
-
-
-def finished(folder: Path) -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
 
 
 def rounds_to(series: Sequence[float | None], target: float) -> int | None:

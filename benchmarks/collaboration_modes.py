@@ -28,11 +28,19 @@ partition (the dataset) is fixed.
 
 Outputs: ``<out>/results.json`` (every round of every run), ``<out>/tables.md`` (printed too) and
 PNG plots in ``--plots-dir``. Presets: ``smoke`` (seconds, for tests), ``quick`` (the 10-institution
-table in about 20 minutes on 2 CPU cores), ``paper`` (the paper's settings, for a GPU)::
+table in about 20 minutes on 2 CPU cores), ``paper`` (the paper's settings, for a GPU), and the
+convergence presets ``table2`` and ``table3`` (the quick settings trained to convergence, 3 seeds;
+estimated 45 min and under 2 h on 2 CPU cores)::
 
     .venv/bin/python benchmarks/collaboration_modes.py --preset quick
     .venv/bin/python benchmarks/collaboration_modes.py --preset quick --splits simulated
     .venv/bin/python benchmarks/collaboration_modes.py --preset paper --dry-run
+    .venv/bin/python benchmarks/collaboration_modes.py --preset table3  # resumes from <out>/runs/
+
+With ``--converge`` (or ``--patience``; the ``table2``/``table3`` presets) every run trains until
+its validation Dice stops improving, rounds become caps (``--max-rounds``), each finished run is
+kept in ``<out>/runs/`` and not repeated, and a time-to-accuracy table is added; see
+``benchmarks/convergence.py`` and ``benchmarks/time_to_accuracy.py``.
 """
 
 from __future__ import annotations
@@ -53,23 +61,28 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from benchmarks.collaboration_plots import plot_forgetting, plot_real, plot_simulated
+from benchmarks.collaboration_tables import REAL_MODES, SIMULATED_MODES, real_table, simulated_table
 from benchmarks.common import (
     REPO_ROOT,
-    figure,
-    fmt_mean_std,
-    mean_std,
     model_kwargs,
     per_volume_dice,
     provenance,
     quiet,
-    save_figure,
     set_threads,
     trainer_defaults,
     write_json,
+)
+from benchmarks.convergence import (
+    DEFAULT_PATIENCE,
+    SiteTimer,
+    early_stopping,
+    run_converged,
+    stop_record,
+    time_to_accuracy_table,
 )
 from lightning_fedseg import (
     CDS,
@@ -83,38 +96,6 @@ from lightning_fedseg import (
 )
 from lightning_fedseg.federation.aggregate import state_to_cpu
 from lightning_fedseg.federation.modes import CollaborationMode
-
-# The paper's results (Sheller et al. 2018): Dice, std (None: best of several runs), % of CDS.
-PAPER_REAL: dict[str, tuple[float, float | None, float]] = {
-    "cds": (0.862, None, 100.0),
-    "fedavg": (0.852, 0.002, 98.7),
-    "ciil": (0.82, 0.04, 95.0),
-    "iil": (0.803, 0.042, 93.0),
-}
-PAPER_SIMULATED: dict[int, dict[str, tuple[float, float, float]]] = {
-    4: {"fedavg": (0.862, 0.003, 99.9), "ciil": (0.843, 0.011, 97.7), "iil": (0.841, 0.004, 97.4)},
-    8: {"fedavg": (0.865, 0.002, 100.2), "ciil": (0.839, 0.016, 97.3), "iil": (0.823, 0.014, 95.4)},
-    16: {"fedavg": (0.863, 0.002, 99.9), "ciil": (0.82, 0.032, 95.0), "iil": (0.82, 0.018, 95.0)},
-    32: {"fedavg": (0.857, 0.001, 99.3), "ciil": (0.809, 0.023, 93.7), "iil": (0.701, 0.058, 81.2)},
-}
-MODE_LABELS = {
-    "cds": "CDS",
-    "fedavg": "FedAvg",
-    "ciil": "CIIL",
-    "iil": "IIL",
-    "single_large": "single (largest)",
-    "single_small": "single (small)",
-}
-MODE_COLORS = {
-    "cds": "black",
-    "fedavg": "tab:blue",
-    "ciil": "tab:orange",
-    "iil": "tab:green",
-    "single_large": "tab:purple",
-    "single_small": "tab:brown",
-}
-REAL_MODES = ("cds", "fedavg", "ciil", "iil", "single_large", "single_small")
-SIMULATED_MODES = ("fedavg", "ciil", "iil")
 
 
 @dataclass(frozen=True)
@@ -140,7 +121,29 @@ class Preset:
     jobs: int
     splits: str
     notes: tuple[str, ...] = field(default=())
+    patience: int | None = None  # train to convergence (benchmarks/convergence.py); None: fixed rounds
 
+
+QUICK = Preset(
+    name="quick",
+    model="cpu",
+    accelerator="cpu",
+    synthetic_subjects=None,  # the package default, 120 subjects
+    synthetic_shape=(48, 48, 32),
+    crop_size=None,
+    slice_policy="brain",
+    batch_size=16,
+    num_workers=0,
+    seeds=(0, 1),
+    rounds=10,
+    simulated_rounds=10,
+    simulated_sites=(4, 8, 16, 32),
+    iil_patience=3,
+    iil_max_epochs_per_site=12,
+    threads=1,
+    jobs=2,
+    splits="real",
+)
 
 PRESETS: dict[str, Preset] = {
     "smoke": Preset(
@@ -164,25 +167,26 @@ PRESETS: dict[str, Preset] = {
         splits="all",
         notes=("smoke preset: tiny data, 1 seed, 2 rounds; for tests only",),
     ),
-    "quick": Preset(
-        name="quick",
-        model="cpu",
-        accelerator="cpu",
-        synthetic_subjects=None,  # the package default, 120 subjects
-        synthetic_shape=(48, 48, 32),
-        crop_size=None,
-        slice_policy="brain",
-        batch_size=16,
-        num_workers=0,
-        seeds=(0, 1),
-        rounds=10,
-        simulated_rounds=10,
-        simulated_sites=(4, 8, 16, 32),
-        iil_patience=3,
-        iil_max_epochs_per_site=12,
-        threads=1,
-        jobs=2,
-        splits="real",
+    "quick": QUICK,
+    # Convergence presets: `rounds` / `simulated_rounds` are the caps; see benchmarks/convergence.py.
+    "table2": replace(
+        QUICK,
+        name="table2",
+        seeds=(0, 1, 2),
+        rounds=20,
+        simulated_rounds=20,
+        patience=DEFAULT_PATIENCE,
+        notes=("table2 preset: at convergence (patience 5, at most 20 rounds), 3 seeds; estimated 45 min",),
+    ),
+    "table3": replace(
+        QUICK,
+        name="table3",
+        seeds=(0, 1, 2),
+        rounds=20,
+        simulated_rounds=20,
+        splits="simulated",
+        patience=DEFAULT_PATIENCE,
+        notes=("table3 preset: at convergence (patience 5, at most 20 rounds), 3 seeds; estimated under 2 h",),
     ),
     "paper": Preset(
         name="paper",
@@ -363,13 +367,19 @@ def run_job(preset: Preset, job: Job, data_root: str | None, dry_run: bool = Fal
     elif job.mode == "iil":
         select = None
         cap = preset.iil_max_epochs_per_site
-        max_epochs = len(sites) * (cap if cap is not None else 200)
+        # At convergence the pass is capped at `rounds` epochs per institution.
+        max_epochs = len(sites) * (rounds if preset.patience else cap if cap is not None else 200)
     recorder = RoundRecorder(select=select, keep_all=job.mode == "ciil")
-    callbacks.insert(0, recorder)
+    timer = SiteTimer()
+    callbacks[:0] = [recorder, timer]
     limits: dict[str, Any] = {}
     if dry_run:
         max_epochs, val_every = 1, 1
         limits = {"limit_train_batches": 1, "limit_val_batches": 0}
+    stopper = None
+    if preset.patience is not None and job.mode != "iil" and not dry_run:
+        stopper = early_stopping(select or "val/dice", preset.patience)  # CIIL: patience counts cycles
+        callbacks.append(stopper)
     trainer = pl.Trainer(
         **trainer_defaults(preset.accelerator),
         strategy=FederatedStrategy(mode, optimizer_state="reset", seed=job.seed),
@@ -405,7 +415,11 @@ def run_job(preset: Preset, job: Job, data_root: str | None, dry_run: bool = Fal
         "fit_seconds": fit_seconds,
         "global_step": trainer.global_step,
         "device": str(trainer.strategy.root_device),
+        "site_seconds": timer.epochs,
+        "model_bytes": sum(t.numel() * t.element_size() for t in model.state_dict().values()),
     }
+    if preset.patience is not None and not dry_run:
+        result.update(stop_record(job.mode, stopper, mode, len(recorder.rounds)))
     if dry_run:
         result["heldout"] = float("nan") if job.mode == "iil" else heldout()
     elif job.mode == "ciil":
@@ -510,289 +524,6 @@ def run_all(preset: Preset, jobs: Sequence[Job], data_root: str | None, dry_run:
     return results
 
 
-# ---------------------------------------------------------------------------------- summaries
-def _runs(results: Sequence[dict[str, Any]], split: str, mode: str) -> list[dict[str, Any]]:
-    return sorted((r for r in results if r["split"] == split and r["mode"] == mode), key=lambda r: r["seed"])
-
-
-def summarize_mode(results: Sequence[dict[str, Any]], split: str, mode: str) -> dict[str, Any] | None:
-    """Held-out Dice of a mode on a split, reported as the protocol says."""
-    runs = _runs(results, split, mode)
-    if not runs:
-        return None
-    if mode == "ciil":
-        per_seed = [list(r["heldout_per_cycle"].values()) for r in runs]
-        every = [v for values in per_seed for v in values]
-        mean, std, n = mean_std(every)
-        last = mean_std([values[-1] for values in per_seed])
-        return {
-            "mean": mean,
-            "std": std,
-            "n": n,
-            "how": f"every cycle, {len(runs)} seed(s) x {len(per_seed[0])} cycles",
-            "last_cycle_mean": last[0],
-            "last_cycle_std": last[1],
-            "per_seed": per_seed,
-        }
-    values = [r["heldout"] for r in runs]
-    if mode == "cds":
-        best = max(runs, key=lambda r: r.get("selected_val", float("-inf")))
-        return {
-            "mean": best["heldout"],
-            "std": None,
-            "n": len(runs),
-            "how": f"best of {len(runs)} seed(s) by validation Dice (seed {best['seed']})",
-            "seed_mean": mean_std(values)[0],
-            "seed_std": mean_std(values)[1],
-            "per_seed": values,
-        }
-    mean, std, n = mean_std(values)
-    how = {
-        "fedavg": "best-validation round",
-        "iil": "final model",
-        "single_large": "best own-validation round",
-        "single_small": "best own-validation round",
-    }[mode]
-    summary = {"mean": mean, "std": std, "n": n, "how": f"{how}, mean ± std over {n} seed(s)", "per_seed": values}
-    if mode.startswith("single"):
-        summary["site"] = runs[0]["site"]
-        summary["training_subjects_share"] = runs[0]["site_samples"][runs[0]["site"]] / sum(
-            runs[0]["site_samples"].values()
-        )
-    if mode == "iil" and not all(r.get("iil_completed", True) for r in runs):
-        summary["how"] += " (did not reach the last institution)"
-    return summary
-
-
-def real_table(results: Sequence[dict[str, Any]], preset: Preset) -> tuple[str, dict[str, Any]]:
-    """The paper's Table 2 beside ours (markdown) and its numbers."""
-    summaries = {m: summarize_mode(results, "real", m) for m in REAL_MODES}
-    cds = summaries.get("cds")
-    reference = cds["mean"] if cds else float("nan")
-    lines = [
-        "| mode | held-out Dice (ours) | % of CDS (ours) | Dice (paper) | % of CDS (paper) | how ours is reported |",
-        "|---|---|---:|---|---:|---|",
-    ]
-    for mode, summary in summaries.items():
-        if summary is None:
-            continue
-        label = MODE_LABELS[mode]
-        if mode == "iil":
-            label += f" (patience {preset.iil_patience}" + (
-                f", ≤{preset.iil_max_epochs_per_site} epochs/site)" if preset.iil_max_epochs_per_site else ")"
-            )
-        if mode.startswith("single"):
-            label += f": site {summary['site']}, {100 * summary['training_subjects_share']:.0f}% of slices"
-        percent = 100 * summary["mean"] / reference if reference == reference else float("nan")
-        summary["percent_of_cds"] = percent
-        paper = PAPER_REAL.get(mode)
-        paper_dice = fmt_mean_std(paper[0], paper[1]) if paper else "-"
-        paper_pct = f"{paper[2]:g}" if paper else "-"
-        lines.append(
-            f"| {label} | {fmt_mean_std(summary['mean'], summary['std'])} | {percent:.1f} "
-            f"| {paper_dice} | {paper_pct} | {summary['how']} |"
-        )
-    return "\n".join(lines), summaries
-
-
-def simulated_table(results: Sequence[dict[str, Any]], preset: Preset) -> tuple[str, dict[str, Any]]:
-    """The paper's Table 3 beside ours (markdown) and its numbers."""
-    sizes = sorted({r["num_sites"] for r in results if r["split"].startswith("sim") and r["mode"] != "cds"})
-    cds_split = f"sim{min(preset.simulated_sites)}"
-    cds = summarize_mode(results, cds_split, "cds")
-    reference = cds["mean"] if cds else float("nan")
-    numbers: dict[str, Any] = {"cds": cds}
-    header = "| institutions | " + " | ".join(
-        f"{MODE_LABELS[m]} (ours) | {MODE_LABELS[m]} (paper)" for m in SIMULATED_MODES
-    )
-    lines = [header + " |", "|---|" + "---|---|" * len(SIMULATED_MODES)]
-    for n in sizes:
-        cells = []
-        numbers[str(n)] = {}
-        for mode in SIMULATED_MODES:
-            summary = summarize_mode(results, f"sim{n}", mode)
-            paper = PAPER_SIMULATED.get(n, {}).get(mode)
-            paper_cell = f"{fmt_mean_std(paper[0], paper[1])} ({paper[2]:g}%)" if paper else "-"
-            if summary is None:
-                cells += ["-", paper_cell]
-                continue
-            summary["percent_of_cds"] = 100 * summary["mean"] / reference
-            numbers[str(n)][mode] = summary
-            cells += [f"{fmt_mean_std(summary['mean'], summary['std'])} ({summary['percent_of_cds']:.1f}%)", paper_cell]
-        lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    if cds:
-        lines.append("")
-        lines.append(
-            f"CDS reference (pooled {min(preset.simulated_sites)}-site split, {cds['how']}): "
-            f"{fmt_mean_std(cds['mean'], None)} (paper: 0.862). FedAvg, IIL: {SIMULATED_HOW}."
-        )
-    return "\n".join(lines), numbers
-
-
-SIMULATED_HOW = "mean ± std over seeds (FedAvg at its best-validation round, IIL final); CIIL over every cycle"
-
-
-# ---------------------------------------------------------------------------------- plots
-def _band(ax: Any, xs: Sequence[float], series: Sequence[Sequence[float]], color: str, label: str, **kw: Any) -> None:
-    length = min(len(s) for s in series)
-    arr = np.asarray([s[:length] for s in series], dtype=float)
-    mean = np.nanmean(arr, axis=0)
-    ax.plot(xs[:length], mean, color=color, label=label, **kw)
-    if len(series) > 1:
-        std = np.nanstd(arr, axis=0)
-        ax.fill_between(xs[:length], mean - std, mean + std, color=color, alpha=0.15, linewidth=0)
-
-
-def plot_real(results: Sequence[dict[str, Any]], preset: Preset, out: Path) -> list[Path]:
-    """Validation Dice per round of every mode, CIIL's held-out per cycle, IIL per epoch."""
-    iil_runs = _runs(results, "real", "iil")
-    fig, axes = figure(ncols=2 if iil_runs else 1, size=(6.4, 4.2))
-    ax, ax_iil = axes[0][0], axes[0][-1]
-    for mode in ("cds", "fedavg", "ciil", "single_large", "single_small"):
-        runs = _runs(results, "real", mode)
-        if not runs:
-            continue
-        scale = runs[0]["val_every_n_epochs"]
-        series = [[r.get("val/dice", float("nan")) for r in run["rounds"]] for run in runs]
-        xs = [(rec["round"] + 1) / scale for rec in runs[0]["rounds"]]
-        _band(ax, xs, series, MODE_COLORS[mode], f"{MODE_LABELS[mode]}: val/dice")
-        if mode == "ciil":
-            held = [list(run["heldout_per_cycle"].values()) for run in runs]
-            _band(ax, list(range(1, len(held[0]) + 1)), held, MODE_COLORS[mode], "CIIL: held-out", linestyle="--")
-        elif "selected_round" in runs[0]:
-            for run in runs:
-                ax.plot((run["selected_round"] + 1) / scale, run["heldout"], marker="*", color=MODE_COLORS[mode], ms=9)
-    ax.set_xlabel("round / cycle / epoch over the pooled data (single sites: equal optimizer steps)")
-    ax.set_ylabel("Dice")
-    ax.set_title("Real-split analogue, 10 institutions (★ held-out Dice of the selected round)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    for run in iil_runs:
-        rounds = run["rounds"]
-        ax_iil.plot(
-            [r["round"] + 1 for r in rounds],
-            [r.get("val/dice", float("nan")) for r in rounds],
-            color=MODE_COLORS["iil"],
-            alpha=0.8,
-            label=f"seed {run['seed']}: val/dice",
-        )
-        ax_iil.axhline(run["heldout"], color=MODE_COLORS["iil"], linestyle=":", alpha=0.8)
-        if run is iil_runs[0]:
-            previous = None
-            for entry in run["iil_history"]:
-                if entry["site"] != previous and previous is not None:
-                    ax_iil.axvline(entry["round"] + 0.5, color="grey", alpha=0.3, linewidth=0.8)
-                previous = entry["site"]
-    if iil_runs:
-        ax_iil.set_xlabel("IIL epoch (grey: next institution)")
-        ax_iil.set_title(f"IIL, patience {preset.iil_patience} (dotted: final model's held-out Dice)")
-        ax_iil.grid(alpha=0.3)
-        ax_iil.legend(fontsize=8, loc="lower right")
-    return [save_figure(fig, out / f"{preset.name}-real-dice-per-round.png")]
-
-
-def plot_forgetting(results: Sequence[dict[str, Any]], preset: Preset, out: Path) -> list[Path]:
-    """CIIL: the first institution's validation Dice after every site step; FedAvg and IIL beside."""
-    ciil = _runs(results, "real", "ciil")
-    if not ciil or not ciil[0].get("probe"):
-        return []
-    iil_runs = _runs(results, "real", "iil")
-    fig, axes = figure(ncols=2 if iil_runs else 1, size=(6.4, 4.0))
-    ax, ax_iil = axes[0][0], axes[0][-1]
-    sites = ciil[0]["sites"]
-    first = sites[0]
-    for run in ciil:
-        steps = run["probe"]
-        ax.plot(
-            [s["step"] for s in steps],
-            [s["dice"] for s in steps],
-            color=MODE_COLORS["ciil"],
-            alpha=0.8,
-            marker=".",
-            ms=3,
-            label=f"CIIL seed {run['seed']}, after each site",
-        )
-        for s in steps:
-            if s["site"] == first:
-                ax.plot(s["step"], s["dice"], marker="o", color="red", ms=4)
-    for run in _runs(results, "real", "fedavg"):
-        xs = [(r["round"] + 1) * len(sites) for r in run["rounds"]]
-        ax.plot(
-            xs,
-            [r.get(f"val/{first}/dice", float("nan")) for r in run["rounds"]],
-            color=MODE_COLORS["fedavg"],
-            marker="s",
-            ms=3,
-            label=f"FedAvg seed {run['seed']}, global model per round",
-        )
-    for cycle in range(1, len(ciil[0]["heldout_per_cycle"])):
-        ax.axvline(cycle * len(sites) + 0.5, color="grey", alpha=0.25, linewidth=0.8)
-    ax.set_xlabel(f"site step ({len(sites)} per cycle/round; red: right after institution {first} trained)")
-    ax.set_ylabel(f"Dice on institution {first}'s validation volumes")
-    ax.set_title(f"Forgetting: institution {first} (the largest) under CIIL")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    for run in iil_runs:
-        rounds = run["rounds"]
-        ax_iil.plot(
-            [r["round"] + 1 for r in rounds],
-            [r.get(f"val/{first}/dice", float("nan")) for r in rounds],
-            color=MODE_COLORS["iil"],
-            label=f"IIL seed {run['seed']}",
-        )
-    if iil_runs:
-        ax_iil.set_xlabel("IIL epoch")
-        ax_iil.set_title(f"IIL: institution {first}'s validation Dice")
-        ax_iil.grid(alpha=0.3)
-        ax_iil.legend(fontsize=8, loc="lower right")
-    return [save_figure(fig, out / f"{preset.name}-ciil-forgetting.png")]
-
-
-def plot_simulated(results: Sequence[dict[str, Any]], preset: Preset, out: Path) -> list[Path]:
-    """FedAvg convergence (validation Dice per round) for 4 to 32 institutions, CIIL held-out per cycle."""
-    sizes = sorted({r["num_sites"] for r in results if r["split"].startswith("sim") and r["mode"] == "fedavg"})
-    if not sizes:
-        return []
-    import matplotlib as mpl
-
-    colors = mpl.colormaps["viridis"]
-    with_ciil = any(r["split"].startswith("sim") and r["mode"] == "ciil" for r in results)
-    fig, axes = figure(ncols=2 if with_ciil else 1, size=(6.0, 4.0))
-    ax, ax_ciil = axes[0][0], axes[0][-1]
-    for i, n in enumerate(sizes):
-        color = colors(i / max(len(sizes) - 1, 1))
-        runs = _runs(results, f"sim{n}", "fedavg")
-        series = [[r.get("val/dice", float("nan")) for r in run["rounds"]] for run in runs]
-        _band(ax, [r["round"] + 1 for r in runs[0]["rounds"]], series, color, f"FedAvg, {n} institutions")
-        ciil = _runs(results, f"sim{n}", "ciil")
-        if ciil:
-            held = [list(run["heldout_per_cycle"].values()) for run in ciil]
-            _band(ax_ciil, list(range(1, len(held[0]) + 1)), held, color, f"CIIL, {n} institutions")
-    cds = _runs(results, f"sim{min(preset.simulated_sites)}", "cds")
-    if cds:
-        series = [[r.get("val/dice", float("nan")) for r in run["rounds"]] for run in cds]
-        _band(ax, [r["round"] + 1 for r in cds[0]["rounds"]], series, "black", "CDS", linestyle="--")
-    real = _runs(results, "real", "fedavg")
-    if real:
-        series = [[r.get("val/dice", float("nan")) for r in run["rounds"]] for run in real]
-        _band(
-            ax, [r["round"] + 1 for r in real[0]["rounds"]], series, "tab:red", "FedAvg, real split (10)", linestyle=":"
-        )
-    ax.set_xlabel("round")
-    ax.set_ylabel("validation Dice (val/dice)")
-    ax.set_title("FedAvg convergence, simulated splits")
-    panels = [ax]
-    if with_ciil:
-        ax_ciil.set_xlabel("cycle")
-        ax_ciil.set_ylabel("held-out Dice")
-        ax_ciil.set_title("CIIL, held-out Dice after every cycle")
-        panels.append(ax_ciil)
-    for a in panels:
-        a.grid(alpha=0.3)
-        a.legend(fontsize=8, loc="lower right")
-    return [save_figure(fig, out / f"{preset.name}-simulated-convergence.png")]
-
-
 # ---------------------------------------------------------------------------------- main
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
@@ -811,6 +542,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sites", type=int, nargs="+", default=None, help="simulated federation sizes")
     parser.add_argument("--iil-patience", type=int, default=None)
     parser.add_argument("--iil-max-epochs-per-site", type=int, default=None, help="0: no cap")
+    parser.add_argument(
+        "--converge",
+        action="store_true",
+        help="train every run to convergence (early stopping on val/dice; benchmarks/convergence.py): rounds "
+        "become caps, each finished run is kept in <out>/runs/ and not repeated",
+    )
+    parser.add_argument(
+        "--patience",
+        type=int,
+        default=None,
+        help=f"rounds without a better val/dice before a run stops (implies --converge; default {DEFAULT_PATIENCE})",
+    )
+    parser.add_argument("--max-rounds", type=int, default=None, help="the cap of rounds of every split (--converge)")
     parser.add_argument("--jobs", type=int, default=None, help="runs in parallel (worker processes)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run")
     parser.add_argument("--accelerator", default=None)
@@ -861,6 +605,12 @@ def resolve_preset(args: argparse.Namespace) -> Preset:
         overrides["iil_max_epochs_per_site"] = args.iil_max_epochs_per_site or None
     if args.splits is not None:
         overrides["splits"] = args.splits
+    if args.patience is not None:
+        overrides["patience"] = args.patience
+    elif args.converge and preset.patience is None:
+        overrides["patience"] = DEFAULT_PATIENCE
+    if args.max_rounds is not None:
+        overrides.update(rounds=args.max_rounds, simulated_rounds=args.max_rounds)
     if args.dry_run:
         overrides["seeds"] = tuple(overrides.get("seeds", preset.seeds))[:1]
     if args.name is not None:
@@ -880,13 +630,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     jobs = plan_jobs(preset, preset.splits, modes, args.data_root)
     print(f"{len(jobs)} runs, preset {preset.name}, {preset.jobs} worker(s) x {preset.threads or 'default'} thread(s)")
     started = time.perf_counter()
-    warm = warm_cache(preset, jobs, args.data_root)
-    results = run_all(preset, jobs, args.data_root, args.dry_run)
+    out = args.out or REPO_ROOT / "benchmarks" / "results" / f"collaboration_modes-{preset.name}"
+    if preset.patience is not None and not args.dry_run:  # one JSON per run, resumable
+        results, warm = run_converged(preset, jobs, out / "runs", args.data_root)
+    else:
+        warm = warm_cache(preset, jobs, args.data_root)
+        results = run_all(preset, jobs, args.data_root, args.dry_run)
     total = time.perf_counter() - started
     if args.dry_run:
         print(f"dry run: built and trained 1 batch of {len(results)} runs in {total:.0f} s")
         return {"results": results}
-    out = args.out or REPO_ROOT / "benchmarks" / "results" / f"collaboration_modes-{preset.name}"
     meta.update(wall_seconds=total, warm_seconds=warm, preset_base=args.preset, preset=asdict(preset))
     return report({"meta": meta, "runs": results}, preset, out, args.plots_dir)
 
@@ -896,9 +649,15 @@ def budget_notes(preset: Preset, results: Sequence[dict[str, Any]]) -> list[str]
     notes = list(preset.notes)
     seeds = sorted({r["seed"] for r in results})
     rounds = {r["split"]: len(r["rounds"]) for r in results if r["mode"] in ("cds", "fedavg", "ciil")}
-    if "real" in rounds:
+    if preset.patience is not None:
+        notes.append(
+            f"at convergence: each run stops when val/dice (single sites: their own) has not improved for"
+            f" {preset.patience} rounds (CIIL: cycles), or at the cap (real split {preset.rounds}, simulated"
+            f" {preset.simulated_rounds}; IIL: cap x institutions epochs); [rounds used and why, per seed]"
+        )
+    elif "real" in rounds:
         notes.append(f"{preset.rounds} rounds/cycles/epochs on the real split (CDS, FedAvg, CIIL)")
-    if any(split.startswith("sim") for split in rounds):
+    if preset.patience is None and any(split.startswith("sim") for split in rounds):
         notes.append(f"{preset.simulated_rounds} rounds/cycles/epochs on the simulated splits")
     notes.append(f"{len(seeds)} seed(s)")
     if any(r["mode"] == "iil" for r in results) and (preset.iil_patience != 8 or preset.iil_max_epochs_per_site):
@@ -923,6 +682,10 @@ def report(document: dict[str, Any], preset: Preset, out: Path, plots_dir: Path)
         text, numbers = simulated_table(results, preset)
         tables["simulated"] = numbers
         markdown += ["### Simulated splits (paper Table 3): held-out Dice (% of CDS)", "", text, ""]
+    if preset.patience is not None:
+        text, numbers = time_to_accuracy_table(results)
+        tables["time_to_accuracy"] = numbers
+        markdown += ["### Time to accuracy (simulated institutions; benchmarks/time_to_accuracy.py)", "", text]
     plots = []
     plots += plot_real(results, preset, plots_dir) if "real" in tables else []
     plots += plot_forgetting(results, preset, plots_dir) if "real" in tables else []

@@ -1,5 +1,5 @@
 """Shared helpers of the benchmark scripts: environment, provenance, model presets, small stats,
-per-volume Dice of a loader, markdown and figures.
+per-volume Dice of a loader, resumable runs (one JSON per finished run), markdown and figures.
 
 The scripts are run from the repository root (``.venv/bin/python benchmarks/<script>.py``); each
 puts the repository root on ``sys.path`` before importing this module, since the package is not
@@ -19,8 +19,10 @@ import subprocess
 import sys
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from functools import partial
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ if str(REPO_ROOT) not in sys.path:
 __all__ = [
     "REPO_ROOT",
     "figure",
+    "finished",
     "fmt_mean_std",
     "git_revision",
     "machine_info",
@@ -43,6 +46,7 @@ __all__ = [
     "per_volume_dice",
     "provenance",
     "quiet",
+    "run_pending",
     "save_figure",
     "set_threads",
     "trainer_defaults",
@@ -236,6 +240,32 @@ def per_volume_dice(module: Any, loader: Iterable[Mapping[str, Any]]) -> float:
     finally:
         module.train(was_training)
     return dice_from_counts(counts)
+
+
+# ---------------------------------------------------------------------------------- resumable runs
+def run_pending(run_and_save: Callable[[Any, Any, Path], str], preset: Any, jobs: Sequence[Any], folder: Path) -> None:
+    """Run the jobs without a result file ``<folder>/<job.key>.json`` (``preset.jobs`` at a time, on
+    spawned worker processes when more than one), printing the line ``run_and_save`` returns for each.
+
+    ``run_and_save(preset, job, folder)`` trains and tests one job and writes its result file, so
+    an interrupted benchmark resumes where it stopped.
+    """
+    todo = [j for j in jobs if not (folder / f"{j.key}.json").exists()]
+    if not todo:
+        return
+    print(f"{len(todo)} of {len(jobs)} runs to do ({len(jobs) - len(todo)} finished)", flush=True)
+    if preset.jobs <= 1:
+        for job in todo:
+            print(" ", run_and_save(preset, job, folder), flush=True)
+        return
+    with ProcessPoolExecutor(preset.jobs, mp_context=get_context("spawn")) as pool:
+        for line in pool.map(run_and_save, [preset] * len(todo), todo, [folder] * len(todo)):
+            print(" ", line, flush=True)
+
+
+def finished(folder: Path) -> list[dict[str, Any]]:
+    """Every result file in ``folder``, in file-name order."""
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
 
 
 # ---------------------------------------------------------------------------------- output

@@ -33,8 +33,19 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.algorithms import PRESETS, Preset, finished, preset_sites, run_pending, train_and_test
-from benchmarks.common import REPO_ROOT, figure, fmt_mean_std, mean_std, provenance, quiet, save_figure, write_json
+from benchmarks.algorithms import PRESETS, Preset, preset_sites, train_and_test
+from benchmarks.common import (
+    REPO_ROOT,
+    figure,
+    finished,
+    fmt_mean_std,
+    mean_std,
+    provenance,
+    quiet,
+    run_pending,
+    save_figure,
+    write_json,
+)
 from lightning_fedseg.federation import DPFedAvg
 
 DELTA = 1e-5
