@@ -185,6 +185,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--plots-dir", type=Path, default=REPO_ROOT / "benchmarks" / "plots")
     parser.add_argument("--algorithms-runs", type=Path, default=None, help="the algorithms benchmark's runs folder")
     parser.add_argument("--report", action="store_true", help="only assemble the tables and plot of finished runs")
+    parser.add_argument("--settings", nargs="+", choices=settings(), default=None, help="run these, in this order")
+    parser.add_argument("--splits", nargs="+", default=None, help="a subset of the preset's splits")
     args = parser.parse_args(argv)
     quiet()
     preset = PRESETS[args.preset]
@@ -193,7 +195,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out = args.out or REPO_ROOT / "benchmarks" / "results" / f"privacy-{preset.name}"
     folder = out / "runs"
     folder.mkdir(parents=True, exist_ok=True)
-    jobs = [Job(split, setting, seed) for setting in settings() for seed in preset.seeds for split in splits]
+    chosen = args.settings or settings()
+    run_splits = args.splits or splits
+    jobs = [Job(split, setting, seed) for setting in chosen for seed in preset.seeds for split in run_splits]
     algorithms_runs = REPO_ROOT / "benchmarks" / "results" / f"algorithms-{preset.name}" / "runs"
     reuse_fedavg(folder, args.algorithms_runs or algorithms_runs, jobs)
     if not args.report:
