@@ -154,9 +154,9 @@ def plot(numbers: dict[str, Any], preset: Preset, out: Path) -> Path | None:
         return None
     fig, axes = figure(size=(6.0, 4.0))
     ax = axes[0][0]
-    for split, rows in numbers.items():
-        points = [(float(s[3:]), rows[s]) for s in settings() if s.startswith("eps") and s in rows]
-        points.sort()
+    for index, (split, rows) in enumerate(numbers.items()):
+        color = f"C{index}"  # one colour per split: its DP points and its reference lines
+        points = sorted((float(s[3:]), rows[s]) for s in settings() if s.startswith("eps") and s in rows)
         if points:
             ax.errorbar(
                 [e for e, _ in points],
@@ -164,11 +164,13 @@ def plot(numbers: dict[str, Any], preset: Preset, out: Path) -> Path | None:
                 yerr=[r["std"] if r["n"] > 1 else 0.0 for _, r in points],
                 marker="o",
                 capsize=3,
+                color=color,
                 label=f"{split}: DP-FedAvg",
             )
         for setting, style in (("nodp", "-"), ("clip", ":")):
             if setting in rows:
-                ax.axhline(rows[setting]["mean"], linestyle=style, linewidth=1, label=f"{split}: {label(setting)}")
+                ax.axhline(rows[setting]["mean"], linestyle=style, linewidth=1, color=color,
+                           label=f"{split}: {label(setting)}")  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel(f"epsilon at delta={DELTA:g} after all rounds")
     ax.set_ylabel("held-out Dice (mean ± std over seeds)")
