@@ -64,6 +64,10 @@ RESULT_SETTINGS = (
     "iil_patience",
     "iil_max_epochs_per_site",
     "patience",
+    "local_epochs",
+    "optimizer_state",
+    "client",
+    "learning_rate",
 )
 """The preset fields that change a run's result (workers, threads, seeds and names do not)."""
 
