@@ -19,7 +19,7 @@ from enum import StrEnum
 import torch
 from torch import Tensor
 
-from lightning_fedseg.federation.flat import FlatLayout, all_finite, first_nonfinite
+from lightning_fedseg.federation.flat import FlatLayout, all_finite, block_buffer, divide_into, first_nonfinite
 
 __all__ = [
     "IncompatibleStateError",
@@ -28,6 +28,7 @@ __all__ = [
     "WeightedMean",
     "check_compatible",
     "check_finite",
+    "state_clone",
     "state_to_cpu",
     "weighted_average",
 ]
@@ -58,6 +59,11 @@ class NonFiniteStateError(ValueError):
 def state_to_cpu(state: State) -> dict[str, Tensor]:
     """Detached CPU copies of every tensor of ``state`` (never views of the live model)."""
     return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+
+def state_clone(state: State) -> dict[str, Tensor]:
+    """Detached copies of every tensor of ``state`` on its own device (never views of the live model)."""
+    return {k: v.detach().clone() for k, v in state.items()}
 
 
 def check_compatible(reference: State, state: State, site: str) -> None:
@@ -108,9 +114,12 @@ class WeightedMean:
     """Running weighted mean of state dicts: ``sum_i w_i * state_i / sum_i w_i``.
 
     Add one site at a time; only one float64 sum (plus one integer maximum where asked) is held.
-    Tensors are kept as one flat buffer per dtype (:class:`.FlatLayout`): each site's state is copied
-    into a flat staging buffer of its own dtype (one fused copy per dtype), checked for finiteness
-    by one reduction, and added with one fused ``add_(staged, alpha=weight)``.
+    Tensors are kept as one flat buffer per dtype (:class:`.FlatLayout`) on the device of the first
+    state added: each site's state is copied into a flat float64 staging buffer (one fused copy
+    per dtype, casting as it copies), checked for finiteness by one reduction, and added to the
+    sum with one ``add_(staged, alpha=weight)`` between buffers of one dtype. (On a CPU, adding a
+    float32 buffer to a float64 one would first copy it whole to float64: staging in float64 is
+    that copy, made once.)
 
     Example:
         >>> acc = WeightedMean()
@@ -125,11 +134,14 @@ class WeightedMean:
         self.reset()
 
     def reset(self) -> None:
-        self._reference: dict[str, Tensor] | None = None
-        self._layout: FlatLayout | None = None
-        self._stage: dict[torch.dtype, Tensor] = {}  # one site's tensors, flat, in their own dtype
-        self._stage_views: dict[str, Tensor] = {}
-        self._acc: dict[torch.dtype, Tensor] = {}  # float64 sums; own-dtype maxima and booleans
+        """Forget every site added; the buffers are kept for the next round's states of the same
+        layout (the first state added overwrites them: nothing is zeroed or allocated again)."""
+        if not hasattr(self, "_layout"):
+            self._reference: dict[str, Tensor] | None = None
+            self._layout: FlatLayout | None = None
+            self._stage: dict[torch.dtype, Tensor] = {}  # one site's tensors, flat: float64 where summed
+            self._stage_views: dict[str, Tensor] = {}
+            self._acc: dict[torch.dtype, Tensor] = {}  # float64 sums; own-dtype maxima and booleans
         self.total_weight = 0.0
         self.sites: list[str] = []
 
@@ -141,17 +153,27 @@ class WeightedMean:
         return dtype.is_floating_point or (dtype != torch.bool and self.integer_policy is IntegerPolicy.MEAN)
 
     def _start(self, state: State) -> FlatLayout:
+        """Build the layout and buffers of ``state`` (the first state, or one of a new layout)."""
         self._reference = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in state.items()}
         layout = self._layout = FlatLayout(state)
-        self._stage = layout.buffers()
+        device = next(iter(state.values())).device if state else torch.device("cpu")
+        self._stage = {
+            dtype: torch.zeros(
+                layout.numel(dtype), dtype=torch.float64 if self._summed(dtype) else dtype, device=device
+            )
+            for dtype in layout.groups
+        }
         self._stage_views = layout.views(self._stage)
+        self._acc = {}
         return layout
 
     def add(self, state: State, weight: float, site: str) -> None:
         """Check ``state`` (keys, shapes, dtypes, finiteness, agreeing booleans) and add
         ``weight * state`` to the running sum; a refused state leaves the sum as it was."""
         weight = _check_weight(weight, site)
-        layout = self._layout if self._layout is not None else self._start(state)
+        layout = self._layout
+        if layout is None or (not self.sites and not layout.matches(state)):
+            layout = self._start(state)
         assert self._reference is not None
         if not layout.matches(state):
             check_compatible(self._reference, state, site)  # names the difference
@@ -160,17 +182,23 @@ class WeightedMean:
         if not all(all_finite(flat) for dtype, flat in self._stage.items() if dtype.is_floating_point):
             check_finite(state, site)  # names the tensor (a sum can overflow where no value is Inf)
         for dtype, staged in self._stage.items():
-            if dtype == torch.bool and dtype in self._acc and not torch.equal(self._acc[dtype], staged):
-                key = next(k for k in layout.groups[dtype] if not torch.equal(state[k].cpu(), self._bool(k)))
+            if dtype == torch.bool and self.sites and not torch.equal(self._acc[dtype], staged):
+                keys = layout.groups[dtype]
+                key = next(k for k in keys if not torch.equal(state[k].to(staged.device), self._bool(k)))
                 raise IncompatibleStateError(f"Site {site!r}: boolean buffer `{key}` differs between sites.")
+        first = not self.sites
         for dtype, staged in self._stage.items():
-            if self._summed(dtype):
-                self._acc.setdefault(dtype, torch.zeros(staged.numel(), dtype=torch.float64))
-                self._acc[dtype].add_(staged, alpha=weight)
-            elif dtype in self._acc and dtype != torch.bool:
-                torch.maximum(self._acc[dtype], staged, out=self._acc[dtype])
-            elif dtype not in self._acc:
-                self._acc[dtype] = staged.clone()
+            acc = self._acc.get(dtype)
+            if acc is None:
+                acc = self._acc[dtype] = torch.empty_like(staged)
+            if self._summed(dtype) and first:
+                torch.mul(staged, weight, out=acc)
+            elif self._summed(dtype):
+                acc.add_(staged, alpha=weight)
+            elif first:  # booleans, integer maxima
+                acc.copy_(staged)
+            elif dtype != torch.bool:
+                torch.maximum(acc, staged, out=acc)
         self.total_weight += weight
         self.sites.append(site)
 
@@ -181,19 +209,19 @@ class WeightedMean:
     def sums(self) -> tuple[dict[str, Tensor], float]:
         """The raw weighted sums (views of the flat buffers) and total weight (what a distributed
         all-reduce adds up); empty before the first site."""
-        if self._layout is None or not self._acc:
+        if self._layout is None or not self.sites:
             return {}, self.total_weight
         views = self._layout.views(self._acc)
         return {k: views[k] for k in self._layout.keys}, self.total_weight
 
     def compute(self) -> dict[str, Tensor]:
         """The weighted mean, in each tensor's original dtype (one division per dtype group)."""
-        if self._layout is None or not self._acc:
+        if self._layout is None or not self.sites:
             raise ValueError("Cannot average zero sites: no state was added.")
         means = {}
         for dtype, acc in self._acc.items():
-            if dtype.is_floating_point:
-                means[dtype] = (acc / self.total_weight).to(dtype)
+            if dtype.is_floating_point:  # divided in float64 (into the staging buffer), rounded once
+                means[dtype] = torch.div(acc, self.total_weight, out=self._stage[dtype]).to(dtype)
             elif self._summed(dtype):
                 means[dtype] = torch.round(acc / self.total_weight).to(dtype)
             else:
@@ -211,12 +239,16 @@ def finalize_mean(
     """Divide weighted sums by the total weight and cast back to each reference tensor's dtype."""
     policy = IntegerPolicy(integer_policy)
     out: dict[str, Tensor] = {}
+    block: Tensor | None = None
     for key, ref in reference.items():
         value = sums[key]
         if ref.dtype == torch.bool or (not ref.is_floating_point() and policy is IntegerPolicy.MAX):
             out[key] = value.to(ref.dtype)
         elif ref.is_floating_point():
-            out[key] = (value / total_weight).to(ref.dtype)
+            if block is None and value.dtype != ref.dtype:
+                block = block_buffer(value, value.dtype)
+            mean = torch.empty(value.shape, dtype=ref.dtype, device=value.device)
+            out[key] = divide_into(value, total_weight, mean, block if value.numel() > 1 else None)
         else:
             out[key] = torch.round(value / total_weight).to(ref.dtype)
     return out

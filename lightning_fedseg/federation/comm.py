@@ -22,15 +22,15 @@ from torch import Tensor
 __all__ = ["CommStats", "SiteComm", "flatten_state", "unflatten_state"]
 
 
-def flatten_state(state: Mapping[str, Tensor], *extra: float) -> Tensor:
-    """One float64 vector of every tensor of ``state`` (in key order), then ``extra`` scalars.
+def flatten_state(state: Mapping[str, Tensor], *extra: float, device: torch.device | str = "cpu") -> Tensor:
+    """One float64 vector on ``device`` of every tensor of ``state`` (in key order), then ``extra`` scalars.
 
     Example:
         >>> flatten_state({"w": torch.tensor([[1.0, 2.0]]), "n": torch.tensor(3)}, 9.0).tolist()
         [1.0, 2.0, 3.0, 9.0]
     """
-    parts = [v.detach().reshape(-1).to("cpu", torch.float64) for v in state.values()]
-    return torch.cat([*parts, torch.tensor(extra, dtype=torch.float64)])
+    parts = [v.detach().reshape(-1).to(device, torch.float64) for v in state.values()]
+    return torch.cat([*parts, torch.tensor(extra, dtype=torch.float64, device=device)])
 
 
 def unflatten_state(flat: Tensor, reference: Mapping[str, Tensor], cast: bool = True) -> dict[str, Tensor]:
@@ -128,17 +128,18 @@ class SiteComm:
         if not self.active:
             return dict(sums), total, count
         zeros = {k: sums[k] if k in sums else torch.zeros(v.shape, dtype=torch.float64) for k, v in reference.items()}
-        flat = flatten_state(zeros, total, float(count))
-        if masked:
-            flat = self._masked_sum(flat, count > 0, stats, round_idx)
-        else:
-            flat = flat.to(self.device)
+        if masked:  # the fixed-point encoding and the masks are made on the CPU
+            flat = self._masked_sum(flatten_state(zeros, total, float(count)), count > 0, stats, round_idx)
+        else:  # flattened where the backend reduces (the GPU for NCCL): no round trip through the CPU
+            flat = flatten_state(zeros, total, float(count), device=self.device)
             self._call(stats, round_idx, "weighted all-reduce", dist.all_reduce, flat, op=dist.ReduceOp.SUM)
             nbytes = flat.numel() * flat.element_size()
             stats.bytes_sent += nbytes
             stats.bytes_received += nbytes
-        flat = flat.cpu()
-        return unflatten_state(flat, reference, cast=False), float(flat[-2]), round(float(flat[-1]))
+        home = next(iter(reference.values())).device if reference else torch.device("cpu")
+        flat = flat.to(home)  # where the global model lives
+        scalars = flat[-2:].tolist()
+        return unflatten_state(flat, reference, cast=False), float(scalars[0]), round(scalars[1])
 
     def broadcast_state(
         self, state: Mapping[str, Tensor], ok: bool, src: int, stats: CommStats, round_idx: int, what: str

@@ -34,6 +34,7 @@ from lightning_fedseg.federation.aggregate import (
     WeightedMean,
     check_finite,
     finalize_mean,
+    state_clone,
     state_to_cpu,
 )
 from lightning_fedseg.federation.client_runner import ClientRunner
@@ -58,6 +59,7 @@ class RoundEngine:
         self.batch_limit: int | float = 1.0
         self._loaders: dict[str, Any] = {}
         self.clients = ClientRunner(strategy)
+        self._accumulator: WeightedMean | None = None  # its buffers are reused from round to round
 
     # ------------------------------------------------------------------ data
     def site_loader(self, site: str) -> Any:
@@ -68,6 +70,7 @@ class RoundEngine:
     def clear(self) -> None:
         self._loaders.clear()
         self.round = None
+        self._accumulator = None
 
     def seed_loader(self, loader: Any, round_idx: int, task_idx: int, epoch: int) -> None:
         """Seed shuffling from (seed, round, site, epoch) instead of the global RNG."""
@@ -96,11 +99,15 @@ class RoundEngine:
         local = tuple(i for i, task in enumerate(plan.tasks) if strategy.placement.get(task.site, 0) == rank)
         rnd = Round(index=index, plan=plan, local_tasks=local)
         if plan.aggregation is Aggregation.MEAN:
-            rnd.global_state = state_to_cpu(strategy.module.state_dict())
+            rnd.global_state = state_clone(strategy.module.state_dict())  # on the module's device
             if loads_by_copy(strategy.module):
                 rnd.live = strategy.module.state_dict(keep_vars=True)
             if not strategy.server.needs_site_states:
-                rnd.accumulator = WeightedMean(strategy.integer_policy)
+                policy = strategy.integer_policy
+                if self._accumulator is None or self._accumulator.integer_policy != policy:
+                    self._accumulator = WeightedMean(policy)
+                self._accumulator.reset()
+                rnd.accumulator = self._accumulator
         self.round = rnd
         return rnd
 
@@ -171,7 +178,7 @@ class RoundEngine:
             load_by_copy(module, rnd.live, rnd.global_state)
         else:
             self.sync_chain(rnd, task_idx)
-            rnd.start_state = state_to_cpu(module.state_dict())
+            rnd.start_state = state_clone(module.state_dict())
         strategy.site_states.enter(task.site)
         self.clients.begin_site(rnd, task.site)
         torch.manual_seed(derive_seed(strategy.seed, rnd.index, self._site_index(task_idx), 0, 2))
@@ -251,7 +258,7 @@ class RoundEngine:
             rnd.accumulator.add(state, self.strategy.site_weight(site), site)
         else:  # a server step that needs every site's state
             check_finite(state, site)
-            rnd.site_results.append((state_to_cpu(state), self.strategy.site_weight(site), site))
+            rnd.site_results.append((state_clone(state), self.strategy.site_weight(site), site))
 
     def _combine(self, rnd: Round) -> int:
         """Make the round's global model; returns how many sites contributed (over all processes)."""
@@ -274,7 +281,7 @@ class RoundEngine:
             reference = rnd.global_state
             if isinstance(server, DPFedAvg):  # each process adds its share of the noise to its own sum
                 reference = {**rnd.global_state, **server.extra_sums()}  # and the count of unclipped sites
-                zeros = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in reference.items()}
+                zeros = {k: torch.zeros(v.shape, dtype=torch.float64, device=v.device) for k, v in reference.items()}
                 sums = server.noise_share({**zeros, **sums}, rnd.global_state, comm.world_size, comm.rank, rnd.index)
             sums, total, succeeded = comm.all_reduce_sums(
                 sums, total, len(rnd.succeeded), reference, rnd.comm, rnd.index, masked=strategy.masking

@@ -11,7 +11,16 @@ Here each is one fused operation (or one per dtype):
   :func:`first_nonfinite` look tensor by tensor, to name the culprit;
 - :func:`load_by_copy` puts a state into a module with one ``torch._foreach_copy_`` into its live
   tensors, where ``load_state_dict`` would be exactly that copy (no hooks, no custom loading), and
-  calls ``load_state_dict`` otherwise.
+  calls ``load_state_dict`` otherwise;
+- :func:`divide_into` is the final division of a float64 sum into a tensor of the model's dtype.
+  On a CPU a mixed-dtype ``torch.div(acc, w, out=x)`` first makes a float64 result the size of the
+  whole tensor, then copies it (for a 2M-value convolution, a fresh 16 MB allocation whose page
+  faults cost more than the arithmetic); it divides block by block through one reused buffer
+  instead, which allocates nothing and stays in cache, with the same result bit for bit. On a GPU
+  the kernel casts in registers, and the whole tensor is one operation.
+
+Buffers live on the device of the state they are built for: a model on a GPU is accumulated on
+that GPU.
 """
 
 from __future__ import annotations
@@ -22,9 +31,21 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FlatLayout", "all_finite", "first_nonfinite", "load_by_copy", "loads_by_copy"]
+__all__ = [
+    "BLOCK",
+    "FlatLayout",
+    "all_finite",
+    "block_buffer",
+    "divide_into",
+    "first_nonfinite",
+    "load_by_copy",
+    "loads_by_copy",
+]
 
 State = Mapping[str, Tensor]
+
+BLOCK = 1 << 15
+"""Elements per block of a CPU cast between dtypes (256 KiB of float64: in cache, allocated once)."""
 
 
 class FlatLayout:
@@ -54,9 +75,12 @@ class FlatLayout:
     def numel(self, dtype: torch.dtype) -> int:
         return sum(math.prod(self.shapes[k]) for k in self.groups[dtype])
 
-    def buffers(self, dtype: torch.dtype | None = None) -> dict[torch.dtype, Tensor]:
-        """One zeroed flat CPU buffer per dtype group, of ``dtype`` (default: the group's own)."""
-        return {d: torch.zeros(self.numel(d), dtype=dtype or d) for d in self.groups}
+    def buffers(
+        self, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> dict[torch.dtype, Tensor]:
+        """One zeroed flat buffer per dtype group, of ``dtype`` (default: the group's own), on
+        ``device`` (default: the CPU)."""
+        return {d: torch.zeros(self.numel(d), dtype=dtype or d, device=device) for d in self.groups}
 
     def views(self, buffers: Mapping[torch.dtype, Tensor]) -> dict[str, Tensor]:
         """Each key's tensor as a view into its group's flat buffer (the groups in ``buffers``)."""
@@ -72,6 +96,35 @@ class FlatLayout:
         """Copy ``state`` into ``views`` (one fused copy per dtype group)."""
         for keys in self.groups.values():
             torch._foreach_copy_([views[k] for k in keys], [state[k].detach() for k in keys])
+
+
+def block_buffer(like: Tensor, dtype: torch.dtype = torch.float64) -> Tensor | None:
+    """The reusable cast buffer of :func:`divide_into` for tensors on ``like``'s device:
+    :data:`BLOCK` elements of ``dtype`` on a CPU, ``None`` elsewhere (not needed)."""
+    return torch.empty(BLOCK, dtype=dtype, device=like.device) if like.device.type == "cpu" else None
+
+
+def divide_into(src: Tensor, divisor: float, out: Tensor, block: Tensor | None = None) -> Tensor:
+    """``out = src / divisor``, computed in ``src``'s dtype and rounded once to ``out``'s (what
+    ``(src / divisor).to(out.dtype)`` gives, bit for bit), block by block through ``block`` (of
+    ``src``'s dtype) when there is one and the dtypes differ.
+
+    Example:
+        >>> total, block = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64), torch.empty(2, dtype=torch.float64)
+        >>> divide_into(total, 4.0, torch.empty(3), block)
+        tensor([0.2500, 0.5000, 1.0000])
+    """
+    src, flat_out = src.reshape(-1), out.view(-1)
+    if block is None or src.dtype == out.dtype:
+        torch.div(src, divisor, out=flat_out)
+        return out
+    size = block.numel()
+    for start in range(0, src.numel(), size):
+        stop = min(src.numel(), start + size)
+        part = block[: stop - start]
+        torch.div(src[start:stop], divisor, out=part)
+        flat_out[start:stop].copy_(part)
+    return out
 
 
 def all_finite(flat: Tensor) -> bool:

@@ -225,7 +225,10 @@ class DPFedAvg(ServerStep):
         """A site's clipped update (with adaptive clipping, and its 0/1 "fits within the norm")."""
         update, norm = clip_update(state, global_state, self.clip_norm)
         if self.adaptive:
-            update[self.COUNT_KEY] = torch.tensor(1.0 if norm <= self.clip_norm else 0.0, dtype=torch.float64)
+            device = next(iter(update.values())).device
+            update[self.COUNT_KEY] = torch.tensor(
+                1.0 if norm <= self.clip_norm else 0.0, dtype=torch.float64, device=device
+            )
         return update
 
     def noise_share(
@@ -241,12 +244,13 @@ class DPFedAvg(ServerStep):
             if key == self.COUNT_KEY:
                 continue
             if global_state[key].is_floating_point():
-                value = value + std * torch.randn(value.shape, generator=generator, dtype=torch.float64)
+                noise = torch.randn(value.shape, generator=generator, dtype=torch.float64)  # drawn on the CPU
+                value = value + std * noise.to(value.device)
             out[key] = value
         if self.adaptive:
             count = sums.get(self.COUNT_KEY, torch.zeros((), dtype=torch.float64))
             noise = self.count_sigma / math.sqrt(world_size) * torch.randn((), generator=generator, dtype=torch.float64)
-            out[self.COUNT_KEY] = count + noise
+            out[self.COUNT_KEY] = count + noise.to(count.device)
         return out
 
     def step_from_sum(self, global_state: State, noisy_sum: State, round_idx: int) -> dict[str, Tensor]:

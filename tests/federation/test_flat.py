@@ -13,7 +13,22 @@ from lightning_fedseg.federation.aggregate import (
     WeightedMean,
     check_finite,
 )
-from lightning_fedseg.federation.flat import FlatLayout, all_finite, first_nonfinite, load_by_copy, loads_by_copy
+from lightning_fedseg.federation.flat import (
+    FlatLayout,
+    all_finite,
+    block_buffer,
+    divide_into,
+    first_nonfinite,
+    load_by_copy,
+    loads_by_copy,
+)
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+    ),
+]
 
 
 def _state(seed: int) -> dict[str, torch.Tensor]:
@@ -61,6 +76,58 @@ def test_flat_mean_equals_the_per_tensor_float64_mean():
                 assert torch.equal(out[key], (expected / total).to(ref.dtype)), key
     assert out["bn.num_batches_tracked"].item() == round(sum((i + 3) * w for i, w in enumerate(weights)) / total)
     assert out["flag"].item() is True
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_blocked_division_equals_the_whole_tensor_division_bit_for_bit(dtype):
+    """Through a 7-element block (the last block partial), dividing a float64 sum into the model's
+    dtype gives exactly what one whole-tensor division and cast gives."""
+    g = torch.Generator().manual_seed(0)
+    total = torch.randn(5, 9, generator=g, dtype=torch.float64) * 100
+    out = torch.empty(5, 9, dtype=dtype)
+    divided = divide_into(total, 3.1, out, torch.empty(7, dtype=torch.float64))
+    assert divided is out and torch.equal(out, (total / 3.1).to(dtype))
+
+
+def test_the_cast_buffer_is_only_made_on_a_cpu():
+    assert block_buffer(torch.zeros(1)).dtype == torch.float64
+    assert block_buffer(torch.zeros(1, device="meta")) is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_running_sum_lives_on_the_device_of_the_states(device):
+    """A model on a GPU is averaged on that GPU, to the same mean as on the CPU."""
+    states = [{k: v for k, v in _state(i).items() if k != "half"} for i in range(3)]
+    on_cpu, on_device = WeightedMean(), WeightedMean()
+    for i, state in enumerate(states):
+        on_cpu.add(state, float(i + 1), site=str(i))
+        on_device.add({k: v.to(device) for k, v in state.items()}, float(i + 1), site=str(i))
+    sums, _ = on_device.sums()
+    assert {v.device.type for v in sums.values()} == {device}
+    for key, value in on_device.compute().items():
+        assert value.device.type == device
+        torch.testing.assert_close(value.cpu(), on_cpu.compute()[key])  # a GPU may fuse multiply-adds
+
+
+def test_a_reset_accumulator_reuses_its_buffers_and_equals_a_fresh_one():
+    """The engine keeps one accumulator for the whole fit: the next round's first state overwrites
+    the buffers (no zeroing, no allocation), and a state of another layout rebuilds them."""
+    reused = WeightedMean()
+    for i in range(3):
+        reused.add(_state(i), float(i + 1), site=str(i))
+    pointers = {dtype: acc.data_ptr() for dtype, acc in reused._acc.items()}
+    reused.reset()
+    assert len(reused) == 0 and reused.sums() == ({}, 0.0)
+    fresh = WeightedMean()
+    for i in (5, 6):
+        reused.add(_state(i), float(i), site=str(i))
+        fresh.add(_state(i), float(i), site=str(i))
+    assert {dtype: acc.data_ptr() for dtype, acc in reused._acc.items()} == pointers
+    for key, value in fresh.compute().items():
+        assert torch.equal(reused.compute()[key], value), key
+    reused.reset()
+    reused.add({"w": torch.ones(3)}, 2.0, site="other layout")
+    assert reused.compute()["w"].tolist() == [1.0, 1.0, 1.0]
 
 
 def test_a_refused_state_leaves_the_running_sum_as_it_was():
