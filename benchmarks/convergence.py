@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -257,21 +258,40 @@ def stops_text(runs: Sequence[dict[str, Any]]) -> str:
 
 
 # ---------------------------------------------------------------------------------- time to accuracy
-def simulated_durations(run: dict[str, Any], profiles: dict[str, SiteProfile]) -> list[float]:
-    """Simulated seconds of each validated round of a run record (its epochs in between summed).
+def steady_site_seconds(epochs: Sequence[dict[str, float]]) -> list[dict[str, float]]:
+    """Each epoch's training seconds per site, with each site's seconds replaced by its median over
+    the epochs it trained in: a site does the same work every round, so a load spike or a pause
+    of the shared benchmark machine in one epoch does not make that round a straggler's.
 
     Example:
-        A FedAvg round of two sites at 1x without transfer cost, then one of a single site:
+        >>> steady_site_seconds([{"a": 2.0, "b": 3.0}, {"a": 2.2, "b": 30.0}, {"a": 1.8, "b": 3.2}])
+        [{'a': 2.0, 'b': 3.2}, {'a': 2.0, 'b': 3.2}, {'a': 2.0, 'b': 3.2}]
+    """
+    per_site: dict[str, list[float]] = {}
+    for seconds in epochs:
+        for site, value in seconds.items():
+            per_site.setdefault(site, []).append(value)
+    medians = {site: statistics.median(values) for site, values in per_site.items()}
+    return [{site: medians[site] for site in seconds} for seconds in epochs]
+
+
+def simulated_durations(run: dict[str, Any], profiles: dict[str, SiteProfile]) -> list[float]:
+    """Simulated seconds of each validated round of a run record (its epochs in between summed),
+    from each site's steady training seconds (:func:`steady_site_seconds`).
+
+    Example:
+        A FedAvg round of two sites at 1x without transfer cost, then one of site a alone (a's
+        seconds are its median over both rounds, 1.5):
 
         >>> profiles = {"a": SiteProfile(1.0, math.inf), "b": SiteProfile(1.0, math.inf)}
         >>> run = {"mode": "fedavg", "model_bytes": 8, "rounds": [{"round": 0}, {"round": 1}],
         ...        "site_seconds": [{"a": 2.0, "b": 3.0}, {"a": 1.0}]}
         >>> simulated_durations(run, profiles)
-        [3.0, 1.0]
+        [3.0, 1.5]
     """
     mode, model_bytes = run["mode"], run["model_bytes"]
     per_epoch, previous = [], None
-    for seconds in run["site_seconds"]:
+    for seconds in steady_site_seconds(run["site_seconds"]):
         if mode == "cds":
             duration = round_duration(seconds, {POOLED: SiteProfile(1.0, math.inf)}, 0, communicate=False)
         elif mode.startswith("single"):

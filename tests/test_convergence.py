@@ -189,7 +189,8 @@ def test_simulated_durations_of_run_records() -> None:
     assert simulated_durations(ciil, fast) == pytest.approx([(2 + 2) + (1 + 2)])
     fedavg = {**ciil, "mode": "fedavg"}
     assert simulated_durations(fedavg, fast) == pytest.approx([4.0])
-    # a single site validated every 2nd epoch: its epochs summed, no transfer, its own speed
+    # a single site validated every 2nd epoch: its epochs summed, no transfer, its own speed; each
+    # epoch at the site's median seconds (1 s; the one epoch of 2 s is a load spike)
     single = {
         "mode": "single_small",
         "site": "a",
@@ -197,7 +198,7 @@ def test_simulated_durations_of_run_records() -> None:
         "rounds": [{"round": 1}, {"round": 3}],
         "site_seconds": [{"a": 1.0}, {"a": 1.0}, {"pooled": 2.0}, {"a": 2.0}],
     }
-    assert simulated_durations(single, fast) == pytest.approx([1.0, 2.0])
+    assert simulated_durations(single, fast) == pytest.approx([0.5 + 0.5, 1.0 + 0.5])
     cds = {"mode": "cds", "model_bytes": 1_000_000, "rounds": [{"round": 0}], "site_seconds": [{"pooled": 5.0}]}
     assert simulated_durations(cds, {}) == pytest.approx([5.0])
 
