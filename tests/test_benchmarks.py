@@ -252,3 +252,22 @@ def test_privacy_smoke_spends_each_target_epsilon(tmp_path: Path) -> None:
         assert 0.97 * target <= spent <= target
         assert _dice(run["heldout"])
     _check_pngs(tmp_path / "plots", ["smoke-privacy-epsilon.png"])
+
+
+@pytest.mark.slow
+def test_device_overhead_smoke_runs_the_gpu_code_on_the_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU benchmark's code path, on the CPU with tiny data: a lent GPU runs it unchanged."""
+    monkeypatch.setenv("LIGHTNING_FEDSEG_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("LIGHTNING_FEDSEG_CACHE", str(tmp_path / "cache"))
+    from benchmarks import device_overhead
+
+    report = device_overhead.main(["--preset", "smoke", "--out", str(tmp_path / "out")])
+    (rounds,) = report["rounds"]
+    assert rounds["sites"] == 4 and rounds["slices_per_epoch"] > 0
+    assert len(rounds["throughput_ratios"]) == 1 and math.isfinite(rounds["throughput_ratio"])
+    aggregation = report["aggregation"]
+    assert aggregation["on_device"] and aggregation["sites"] == 3
+    assert 0 <= aggregation["float32_max_rel_error"] < 1e-5
+    written = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert written["rounds"][0]["sites"] == 4
+    assert "throughput ratio" in (tmp_path / "out" / "tables.md").read_text()
