@@ -829,9 +829,9 @@ def plot_aggregation(report: dict[str, Any], out: Path) -> list[Path]:
             if not rows:
                 continue
             xs = [c["sites"] for c in rows]
-            label = f"{model} model, {method}"
-            ax_t.plot(xs, [1000 * c["seconds"] for c in rows], style, marker="o", color=colors.get(model), label=label)
-            ax_m.plot(xs, [c["peak_mib"] for c in rows], style, marker="o", color=colors.get(model), label=label)
+            line = {"linestyle": style, "marker": "o", "color": colors.get(model), "label": f"{model} model, {method}"}
+            ax_t.plot(xs, [1000 * c["seconds"] for c in rows], **line)
+            ax_m.plot(xs, [c["peak_mib"] for c in rows], **line)
     for ax, ylabel in ((ax_t, "aggregation time (ms)"), (ax_m, f"peak memory rise (MiB, {agg['peak_method']})")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
