@@ -131,17 +131,16 @@ class WeightedMean:
 
     def __init__(self, integer_policy: IntegerPolicy | str = IntegerPolicy.MEAN) -> None:
         self.integer_policy = IntegerPolicy(integer_policy)
+        self._reference: dict[str, Tensor] | None = None
+        self._layout: FlatLayout | None = None
+        self._stage: dict[torch.dtype, Tensor] = {}  # one site's tensors, flat: float64 where summed
+        self._stage_views: dict[str, Tensor] = {}
+        self._acc: dict[torch.dtype, Tensor] = {}  # float64 sums; own-dtype maxima and booleans
         self.reset()
 
     def reset(self) -> None:
         """Forget every site added; the buffers are kept for the next round's states of the same
         layout (the first state added overwrites them: nothing is zeroed or allocated again)."""
-        if not hasattr(self, "_layout"):
-            self._reference: dict[str, Tensor] | None = None
-            self._layout: FlatLayout | None = None
-            self._stage: dict[torch.dtype, Tensor] = {}  # one site's tensors, flat: float64 where summed
-            self._stage_views: dict[str, Tensor] = {}
-            self._acc: dict[torch.dtype, Tensor] = {}  # float64 sums; own-dtype maxima and booleans
         self.total_weight = 0.0
         self.sites: list[str] = []
 
@@ -248,7 +247,7 @@ def finalize_mean(
             if block is None and value.dtype != ref.dtype:
                 block = block_buffer(value, value.dtype)
             mean = torch.empty(value.shape, dtype=ref.dtype, device=value.device)
-            out[key] = divide_into(value, total_weight, mean, block if value.numel() > 1 else None)
+            out[key] = divide_into(value, total_weight, mean, block)
         else:
             out[key] = torch.round(value / total_weight).to(ref.dtype)
     return out

@@ -75,12 +75,9 @@ class FlatLayout:
     def numel(self, dtype: torch.dtype) -> int:
         return sum(math.prod(self.shapes[k]) for k in self.groups[dtype])
 
-    def buffers(
-        self, dtype: torch.dtype | None = None, device: torch.device | str | None = None
-    ) -> dict[torch.dtype, Tensor]:
-        """One zeroed flat buffer per dtype group, of ``dtype`` (default: the group's own), on
-        ``device`` (default: the CPU)."""
-        return {d: torch.zeros(self.numel(d), dtype=dtype or d, device=device) for d in self.groups}
+    def buffers(self, dtype: torch.dtype | None = None) -> dict[torch.dtype, Tensor]:
+        """One zeroed flat CPU buffer per dtype group, of ``dtype`` (default: the group's own)."""
+        return {d: torch.zeros(self.numel(d), dtype=dtype or d) for d in self.groups}
 
     def views(self, buffers: Mapping[torch.dtype, Tensor]) -> dict[str, Tensor]:
         """Each key's tensor as a view into its group's flat buffer (the groups in ``buffers``)."""
