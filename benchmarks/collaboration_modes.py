@@ -241,11 +241,13 @@ class Job:
     seed: int
     num_sites: int | None = None  # simulated splits
     site: str | None = None  # single-site runs
+    leave_out: str | None = None  # an institution left out of the federation, tested on alone
 
     @property
     def label(self) -> str:
         site = f" site {self.site}" if self.site else ""
-        return f"{self.split} {self.mode}{site} seed {self.seed}"
+        without = f" without {self.leave_out}" if self.leave_out else ""
+        return f"{self.split}{without} {self.mode}{site} seed {self.seed}"
 
 
 # ---------------------------------------------------------------------------------- callbacks
@@ -332,6 +334,8 @@ def data_kwargs(preset: Preset, job: Job, data_root: str | None) -> dict[str, An
         kwargs["partition"] = "auto" if data_root is None else "paper"
     else:
         kwargs.update(partition="simulated", num_sites=job.num_sites)
+    if job.leave_out is not None:
+        kwargs["leave_out"] = [job.leave_out]
     return kwargs
 
 

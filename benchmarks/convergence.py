@@ -217,7 +217,8 @@ class RunFile:
     def key(self) -> str:
         job = self.job
         site = f"-{job.site}" if job.site else ""
-        return f"{job.split}-{job.mode}{site}-seed{job.seed}-{self.settings}"
+        without = f"-without-{job.leave_out}" if getattr(job, "leave_out", None) else ""
+        return f"{job.split}{without}-{job.mode}{site}-seed{job.seed}-{self.settings}"
 
 
 def run_and_save(preset: Any, run: RunFile, folder: Path) -> str:

@@ -56,6 +56,7 @@ from lightning_fedseg.data.partition import (
     DuplicateSubjectsError,
     Partition,
     dirichlet_split,
+    leave_out_sites,
     paper_split,
     paper_split_by_site,
     read_fets_csv,
@@ -136,6 +137,10 @@ class FederatedDataModule(LightningDataModule):
         predict_root: a folder of cases to predict (no segmentation needed); ``None`` predicts
             the held-out cases.
         sites: materialize only these sites in this process (one rank per site).
+        leave_out: sites left out of the federation (out-of-federation generalization): the
+            other sites train and validate on the subjects they had, and the held-out set is
+            every subject of these sites (see :func:`~lightning_fedseg.data.partition.leave_out_sites`).
+            Testing then needs one process that holds every site (no ``sites``).
         skip_bad_cases: leave out cases that fail validation, with a warning listing them,
             instead of stopping with their report.
         reorient: reorient every case to RAS before slicing (recorded in the cache key; the
@@ -172,6 +177,7 @@ class FederatedDataModule(LightningDataModule):
         synthetic_seed: int = 0,
         predict_root: str | None = None,
         sites: list[str] | None = None,
+        leave_out: list[str] | None = None,
         skip_bad_cases: bool = False,
         reorient: bool = False,
     ) -> None:
@@ -216,6 +222,10 @@ class FederatedDataModule(LightningDataModule):
             raise ValueError(f"Expected `synthetic_shape` to be 3 positive integers, but got {synthetic_shape}.")
         if sites is not None and (not sites or len(set(sites)) != len(sites)):
             raise ValueError(f"Expected `sites` to name distinct sites, but got {sites!r}.")
+        if leave_out is not None and (
+            isinstance(leave_out, str) or not leave_out or len(set(leave_out)) != len(leave_out)
+        ):
+            raise ValueError(f"Expected `leave_out` to be a list of distinct sites, but got {leave_out!r}.")
         super().__init__()
         self.save_hyperparameters()
         self.data_root = data_root
@@ -238,6 +248,7 @@ class FederatedDataModule(LightningDataModule):
         self.synthetic_seed = synthetic_seed
         self.predict_root = predict_root
         self.sites = None if sites is None else list(sites)
+        self.leave_out = None if leave_out is None else [str(s) for s in leave_out]
         self.skip_bad_cases = bool(skip_bad_cases)
         self.reorient = bool(reorient)
         self.cache = VolumeCache(cache_dir, self.modalities, crop_size, convention, self.reorient)
@@ -283,7 +294,8 @@ class FederatedDataModule(LightningDataModule):
     def partition(self) -> Partition:
         """The sites, validation and held-out subjects (computed from file names only)."""
         if self._partition is None:
-            self._partition = self._make_partition()
+            partition = self._make_partition()
+            self._partition = partition if self.leave_out is None else leave_out_sites(partition, self.leave_out)
         return self._partition
 
     @property
@@ -440,6 +452,11 @@ class FederatedDataModule(LightningDataModule):
         return [self._cases[subject] for subjects in chosen for subject in subjects]
 
     def _heldout_subjects(self) -> list[Case]:
+        if self.leave_out is not None and self.sites is not None:
+            raise ValueError(
+                f"`leave_out` holds out every subject of {self.leave_out}, which no process restricted to "
+                f"`sites` {self.sites} owns. HINT: test in one process without `sites`."
+            )
         subjects = self.partition.heldout if self.sites is None else self.partition.heldout_of(self.sites)
         return [self._cases[s] for s in subjects]
 

@@ -43,6 +43,7 @@ __all__ = [
     "SiteSplit",
     "apportion",
     "dirichlet_split",
+    "leave_out_sites",
     "paper_split",
     "paper_split_by_site",
     "read_fets_csv",
@@ -566,6 +567,49 @@ def dirichlet_split(
     names = _site_names(num_sites)
     sites = {name: split_train_val(m, val_fraction, seed, name) for name, m in zip(names, members, strict=True)}
     return Partition(sites, heldout)
+
+
+def leave_out_sites(partition: Partition, sites: Sequence[str]) -> Partition:
+    """The federation without ``sites``; their subjects become the only held-out ones.
+
+    Out-of-federation generalization (Sheller et al., Sci. Rep. 2020): the other sites train
+    and validate on exactly the subjects they had, and the test set is every subject of the
+    left-out sites (their training, validation and held-out ones), so a test measures
+    institutions the federation never saw. The other sites' held-out subjects are used by
+    neither; when ``heldout_by_site`` is unknown no held-out subject can be told apart, so the
+    left-out sites contribute their training and validation subjects only.
+
+    Args:
+        partition: the federation.
+        sites: the sites to leave out (distinct, at least one site must remain).
+
+    Returns:
+        The partition of the remaining sites, with ``heldout_by_site`` naming the left-out ones.
+
+    Raises:
+        ValueError: an unknown or repeated site, none given, or no site left to train.
+
+    Example:
+        >>> p = Partition({"a": SiteSplit(("s1",), ("s2",)), "b": SiteSplit(("s3",))}, ("s4",), {"a": ("s4",)})
+        >>> q = leave_out_sites(p, ["a"])
+        >>> q.site_names, q.heldout, q.heldout_by_site
+        (['b'], ('s1', 's2', 's4'), {'a': ('s1', 's2', 's4')})
+    """
+    left = [str(s) for s in sites]
+    unknown = [s for s in left if s not in partition.sites]
+    if not left or len(set(left)) != len(left) or unknown:
+        raise ValueError(
+            f"Expected `leave_out` to name distinct sites among {partition.site_names}, but got {list(sites)!r}."
+        )
+    kept = {name: split for name, split in partition.sites.items() if name not in left}
+    if not kept:
+        raise ValueError(f"Expected `leave_out` to keep at least one site to train, but it names all of {left}.")
+    known = partition.heldout_by_site is not None
+    by_site = {
+        s: tuple(sorted(partition.sites[s].subjects + (partition.heldout_of([s]) if known else ()))) for s in left
+    }
+    heldout = tuple(sorted(subject for subjects in by_site.values() for subject in subjects))
+    return Partition(kept, heldout, by_site)
 
 
 def _natural_key(name: str) -> tuple[tuple[int, int | str], ...]:

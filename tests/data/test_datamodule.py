@@ -278,6 +278,26 @@ def test_unknown_restricted_site(tiny_dataset: SyntheticDataset, tmp_path: Path)
         _make(tiny_dataset, tmp_path, sites=["7"]).setup("fit")
 
 
+def test_leave_out_trains_the_others_and_tests_the_left_out_site(
+    dm: FederatedDataModule, tiny_dataset: SyntheticDataset, shared_cache: Path
+) -> None:
+    left = dm.site_names[1]
+    out = _make(tiny_dataset, shared_cache, batch_size=8, leave_out=[left])
+    out.setup("fit")
+    assert out.site_names == [s for s in dm.site_names if s != left]
+    for site in out.site_names:
+        assert out.partition.sites[site] == dm.partition.sites[site]
+    expected = set(dm.partition.sites[left].subjects) | set(dm.partition.heldout_of([left]))
+    tested = {case_id for batch in out.test_dataloader() for case_id in batch["case_id"]}
+    assert tested == expected
+    restricted = _make(tiny_dataset, shared_cache, leave_out=[left], sites=[out.site_names[0]])
+    restricted.setup("fit")
+    with pytest.raises(ValueError, match=r"`leave_out` holds out every subject of .*HINT: test in one process"):
+        restricted.test_dataloader()
+    with pytest.raises(ValueError, match=r"Expected `leave_out` to name distinct sites among"):
+        _make(tiny_dataset, shared_cache, leave_out=["nowhere"]).setup("fit")
+
+
 # --------------------------------------------------------------------------- FeTS CSV
 def _write_csv(tiny_dataset: SyntheticDataset, path: Path) -> Path:
     ids = tiny_dataset.subject_ids
@@ -423,6 +443,7 @@ def test_package_exports_every_data_module() -> None:
         ({"num_workers": -1}, "Expected `num_workers` to be a non-negative integer, but got -1."),
         ({"num_sites": 0}, "Expected `num_sites` to be a positive integer, but got 0."),
         ({"sites": []}, "Expected `sites` to name distinct sites, but got []."),
+        ({"leave_out": "site1"}, "Expected `leave_out` to be a list of distinct sites, but got 'site1'."),
         ({"synthetic_shape": (8, 8)}, "Expected `synthetic_shape` to be 3 positive integers"),
         ({"dirichlet_alpha": 0.0}, "Expected `dirichlet_alpha` to be positive, but got 0.0."),
     ],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from lightning_fedseg.data.partition import (
     SiteSplit,
     apportion,
     dirichlet_split,
+    leave_out_sites,
     paper_split,
     paper_split_by_site,
     read_fets_csv,
@@ -290,3 +292,37 @@ def test_read_fets_csv_errors_name_file_and_line(tmp_path: Path, text: str, mess
 def test_read_fets_csv_missing_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"nope\.csv does not exist"):
         read_fets_csv(tmp_path / "nope.csv")
+
+
+# --------------------------------------------------------------------------- leave out
+def test_leave_out_sites_tests_only_the_left_out_institutions() -> None:
+    p = paper_split_by_site({s: f"site{int(s[-3:]) % 3 + 1}" for s in SUBJECTS_210[:30]}, seed=1, heldout_fraction=0.2)
+    q = leave_out_sites(p, ["site2"])
+    assert q.site_names == ["site1", "site3"]
+    for name in q.site_names:  # the remaining sites keep exactly their subjects
+        assert q.sites[name] == p.sites[name]
+    everything_of_site2 = set(p.sites["site2"].subjects) | set(p.heldout_by_site["site2"])  # type: ignore[index]
+    assert len(everything_of_site2) == 10
+    assert set(q.heldout) == everything_of_site2  # no held-out subject of site1 or site3
+    assert q.heldout_by_site == {"site2": tuple(sorted(everything_of_site2))}
+
+
+def test_leave_out_without_known_heldout_origin_drops_the_heldout() -> None:
+    p = Partition({"a": SiteSplit(("s1",), ("s2",)), "b": SiteSplit(("s3",))}, heldout=("s4",))
+    q = leave_out_sites(p, ["a"])
+    assert q.heldout == ("s1", "s2") and q.site_names == ["b"]
+
+
+@pytest.mark.parametrize(
+    ("sites", "message"),
+    [
+        (["c"], "Expected `leave_out` to name distinct sites among ['a', 'b'], but got ['c']."),
+        (["a", "a"], "Expected `leave_out` to name distinct sites among ['a', 'b'], but got ['a', 'a']."),
+        ([], "Expected `leave_out` to name distinct sites among ['a', 'b'], but got []."),
+        (["a", "b"], "Expected `leave_out` to keep at least one site to train, but it names all of ['a', 'b']."),
+    ],
+)
+def test_leave_out_refuses_bad_sites(sites: list[str], message: str) -> None:
+    p = Partition({"a": SiteSplit(("s1",)), "b": SiteSplit(("s3",))})
+    with pytest.raises(ValueError, match=re.escape(message)):
+        leave_out_sites(p, sites)
