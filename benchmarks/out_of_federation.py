@@ -90,7 +90,9 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     ]
     for row in rows:
         fedavg, cds = (
-            "-" if not row[m]["n"] else fmt_mean_std(row[m]["mean"], row[m]["std"]) + f" (n={row[m]['n']})"
+            "-"
+            if not row[m]["n"]
+            else fmt_mean_std(row[m]["mean"], row[m]["std"] if row[m]["n"] > 1 else None) + f" (n={row[m]['n']})"
             for m in MODES
         )
         percent = "-" if row["percent_of_cds"] is None else f"{row['percent_of_cds']:.1f}"

@@ -258,6 +258,7 @@ class FederatedDataModule(LightningDataModule):
         self._partition: Partition | None = None
         self._predict_cases: dict[str, Case] | None = None
         self._cached: dict[tuple[str, str], CachedCase] = {}
+        self._num_samples: dict[str, int] = {}  # site_num_samples, counted once per site
 
     # ------------------------------------------------------------------ partition
     @property
@@ -583,8 +584,10 @@ class FederatedDataModule(LightningDataModule):
         :meth:`site_num_subjects` for a size of any site.
         """
         self._require_local(site)
-        cached = self._cache_cases(self._site_subjects([site], "train"))
-        return int(sum(len(c.slices(self.slice_policy, self.seed)) for c in cached))
+        if site not in self._num_samples:  # the FedAvg weight of every round: counted once
+            cached = self._cache_cases(self._site_subjects([site], "train"))
+            self._num_samples[site] = int(sum(len(c.slices(self.slice_policy, self.seed)) for c in cached))
+        return self._num_samples[site]
 
     def train_dataloader(self) -> DataLoader[Batch]:
         """Shuffled training slices pooled over this process's sites (centralized training).

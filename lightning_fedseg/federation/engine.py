@@ -40,7 +40,7 @@ from lightning_fedseg.federation.aggregate import (
 from lightning_fedseg.federation.client_runner import ClientRunner
 from lightning_fedseg.federation.faults import FaultKind
 from lightning_fedseg.federation.flat import load_by_copy, loads_by_copy
-from lightning_fedseg.federation.modes import Aggregation, derive_seed
+from lightning_fedseg.federation.modes import Aggregation, derive_seed, seed_torch
 from lightning_fedseg.federation.privacy import DPFedAvg
 from lightning_fedseg.federation.rounds import IDLE, Round, RoundFailedError
 
@@ -181,7 +181,7 @@ class RoundEngine:
             rnd.start_state = state_clone(module.state_dict())
         strategy.site_states.enter(task.site)
         self.clients.begin_site(rnd, task.site)
-        torch.manual_seed(derive_seed(strategy.seed, rnd.index, self._site_index(task_idx), 0, 2))
+        seed_torch(derive_seed(strategy.seed, rnd.index, self._site_index(task_idx), 0, 2))
         rnd.active = task_idx
         strategy.call_site_hook("on_site_start", task.site, rnd.index)
         rnd.task_started_at = time.perf_counter()

@@ -32,6 +32,7 @@ from enum import StrEnum
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from lightning_fedseg._validation import check_int
@@ -50,6 +51,7 @@ __all__ = [
     "SiteTask",
     "derive_seed",
     "mode_from_name",
+    "seed_torch",
 ]
 
 POOLED = "pooled"
@@ -87,6 +89,28 @@ def derive_seed(*entropy: int) -> int:
         True
     """
     return int(np.random.SeedSequence([int(e) for e in entropy]).generate_state(1)[0])
+
+
+def seed_torch(seed: int) -> None:
+    """``torch.manual_seed(seed)`` for the generators a fit can draw from: the CPU's, and each
+    accelerator's that is initialized (or MPS's). ``torch.manual_seed`` also queues the seed, with
+    a formatted stack, for every accelerator not yet initialized, which costs about 0.2 ms per
+    site hand-over on a CPU; a fit's accelerator is initialized before its first site starts.
+
+    Example:
+        >>> seed_torch(3); a = torch.rand(2)
+        >>> torch.manual_seed(3); bool(torch.equal(a, torch.rand(2)))  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        True
+    """
+    torch.default_generator.manual_seed(seed)
+    if torch.cuda.is_initialized():
+        torch.cuda.manual_seed_all(seed)
+    if torch.backends.mps.is_available():
+        torch.mps.manual_seed(seed)
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_initialized():
+        xpu.manual_seed_all(seed)
 
 
 class Aggregation(StrEnum):

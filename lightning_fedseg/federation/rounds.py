@@ -76,7 +76,8 @@ class Round:
 
 
 def with_last(items: Iterable[T], limit: int | None = None) -> Iterator[tuple[T, bool]]:
-    """Yield ``(item, is_last)`` for at most ``limit`` items, looking one item ahead.
+    """Yield ``(item, is_last)`` for at most ``limit`` items, looking one item ahead (never past
+    the limit: a site's loader is not asked for a batch it will not train on).
 
     Example:
         >>> list(with_last("abc")), list(with_last("abc", limit=2))
@@ -90,8 +91,10 @@ def with_last(items: Iterable[T], limit: int | None = None) -> Iterator[tuple[T,
     except StopIteration:
         return
     count = 1
-    for upcoming in iterator:
-        if limit is not None and count >= limit:
+    while limit is None or count < limit:
+        try:
+            upcoming = next(iterator)
+        except StopIteration:
             break
         yield item, False
         item, count = upcoming, count + 1

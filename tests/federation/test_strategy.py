@@ -296,3 +296,20 @@ def test_non_loopback_address_needs_acknowledgement(monkeypatch, address, allow_
     else:
         strategy.setup_distributed()
         assert initialized == [True]
+
+
+def test_with_last_never_reads_past_the_limit():
+    from lightning_fedseg.federation.rounds import with_last
+
+    asked = []
+
+    def items():
+        for i in range(5):
+            asked.append(i)
+            yield i
+
+    assert list(with_last(items(), limit=2)) == [(0, False), (1, True)]
+    assert asked == [0, 1]  # a third batch would be read and thrown away
+    asked.clear()
+    assert list(with_last(items())) == [(0, False), (1, False), (2, False), (3, False), (4, True)]
+    assert list(with_last(items(), limit=9))[-1] == (4, True)
