@@ -115,7 +115,8 @@ def summarize(runs: Sequence[dict[str, Any]], base: Preset, factors: Sequence[st
     baseline_cds = _cds(runs, settings_hash(base))
     for factor in factors:
         settings = settings_hash(factor_preset(base, factor, base.jobs, base.threads))
-        fedavg = [r for r in runs if r["settings"] == settings and r["mode"] == "fedavg"]
+        # The table3 benchmark's FedAvg runs on sim4-16 share the baseline's settings: sim32 only.
+        fedavg = [r for r in runs if r["settings"] == settings and r["mode"] == "fedavg" and r["split"] == SPLIT]
         fedavg.sort(key=lambda r: r["seed"])
         if not fedavg:
             continue
@@ -136,7 +137,7 @@ def summarize(runs: Sequence[dict[str, Any]], base: Preset, factors: Sequence[st
 
 
 def _cds(runs: Sequence[dict[str, Any]], settings: str) -> dict[str, Any] | None:
-    cds = [r for r in runs if r["settings"] == settings and r["mode"] == "cds"]
+    cds = [r for r in runs if r["settings"] == settings and r["mode"] == "cds" and r["split"] == CDS_SPLIT]
     return _summarize(sorted(cds, key=lambda r: r["seed"]), "cds") if cds else None
 
 
