@@ -19,7 +19,14 @@ from enum import StrEnum
 import torch
 from torch import Tensor
 
-from lightning_fedseg.federation.flat import FlatLayout, all_finite, block_buffer, divide_into, first_nonfinite
+from lightning_fedseg.federation.flat import (
+    FlatLayout,
+    all_finite,
+    block_buffer,
+    divide_into,
+    first_nonfinite,
+    flat_span,
+)
 
 __all__ = [
     "IncompatibleStateError",
@@ -235,22 +242,35 @@ def finalize_mean(
     reference: State,
     integer_policy: IntegerPolicy | str = IntegerPolicy.MEAN,
 ) -> dict[str, Tensor]:
-    """Divide weighted sums by the total weight and cast back to each reference tensor's dtype."""
+    """Divide weighted sums by the total weight and cast back to each reference tensor's dtype.
+
+    The floating tensors of one dtype whose sums tile one flat buffer (the views
+    :meth:`WeightedMean.sums` returns) are divided in one pass into one flat output, of which the
+    means are views; other sums are divided tensor by tensor, with the same result.
+    """
     policy = IntegerPolicy(integer_policy)
     out: dict[str, Tensor] = {}
     block: Tensor | None = None
+    floating: dict[torch.dtype, list[str]] = {}
     for key, ref in reference.items():
         value = sums[key]
         if ref.dtype == torch.bool or (not ref.is_floating_point() and policy is IntegerPolicy.MAX):
             out[key] = value.to(ref.dtype)
         elif ref.is_floating_point():
-            if block is None and value.dtype != ref.dtype:
-                block = block_buffer(value, value.dtype)
-            mean = torch.empty(value.shape, dtype=ref.dtype, device=value.device)
-            out[key] = divide_into(value, total_weight, mean, block)
+            floating.setdefault(ref.dtype, []).append(key)
         else:
             out[key] = torch.round(value / total_weight).to(ref.dtype)
-    return out
+    for dtype, keys in floating.items():
+        ordered = sorted(keys, key=lambda k: sums[k].storage_offset())
+        span = flat_span([sums[k] for k in ordered])
+        pieces = [(ordered, span)] if span is not None else [([k], sums[k]) for k in keys]
+        for group, value in pieces:
+            if block is None and value.dtype != dtype:
+                block = block_buffer(value, value.dtype)
+            mean = divide_into(value, total_weight, torch.empty(value.numel(), dtype=dtype, device=value.device), block)
+            for key, part in zip(group, mean.split([sums[k].numel() for k in group]), strict=True):
+                out[key] = part.view(reference[key].shape)
+    return {key: out[key] for key in reference}
 
 
 def weighted_average(

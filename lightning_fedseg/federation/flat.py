@@ -26,7 +26,7 @@ that GPU.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -122,6 +122,32 @@ def divide_into(src: Tensor, divisor: float, out: Tensor, block: Tensor | None =
         torch.div(src[start:stop], divisor, out=part)
         flat_out[start:stop].copy_(part)
     return out
+
+
+def flat_span(tensors: Sequence[Tensor]) -> Tensor | None:
+    """The one flat tensor that ``tensors`` tile, in order, as contiguous views of one storage
+    (what :meth:`FlatLayout.views` makes); ``None`` when they do not.
+
+    Example:
+        >>> flat = torch.arange(5.0)
+        >>> a, b = flat.split([2, 3])
+        >>> flat_span([a, b.view(3, 1)]).tolist(), flat_span([b, a])
+        ([0.0, 1.0, 2.0, 3.0, 4.0], None)
+    """
+    if not tensors:
+        return None
+    first = tensors[0]
+    storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    for tensor in tensors:
+        if (
+            tensor.dtype != first.dtype
+            or not tensor.is_contiguous()
+            or tensor.untyped_storage().data_ptr() != storage
+            or tensor.storage_offset() != offset
+        ):
+            return None
+        offset += tensor.numel()
+    return first.as_strided((offset - first.storage_offset(),), (1,), first.storage_offset())
 
 
 def all_finite(flat: Tensor) -> bool:

@@ -9,6 +9,7 @@ from lightning_fedseg.federation.aggregate import (
     IncompatibleStateError,
     NonFiniteStateError,
     WeightedMean,
+    finalize_mean,
     weighted_average,
 )
 
@@ -83,3 +84,36 @@ def test_memory_does_not_grow_with_sites():
 def test_zero_sites_cannot_be_averaged():
     with pytest.raises(ValueError, match="zero sites"):
         WeightedMean().compute()
+
+
+def test_finalize_mean_over_flat_views_equals_tensor_by_tensor():
+    """The one-pass division over the accumulator's flat views gives, bit for bit, the per-tensor
+    division of the same sums held apart; every dtype keeps its own group."""
+    gen = torch.Generator().manual_seed(0)
+    reference = {
+        "conv.weight": torch.empty(4, 3, 3, 3),
+        "bn.running_mean": torch.empty(4),
+        "half": torch.empty(5, dtype=torch.float16),
+        "bn.num_batches_tracked": torch.empty((), dtype=torch.int64),
+        "fc.bias": torch.empty(2),
+    }
+    acc = WeightedMean()
+    for weight in (3.0, 7.0, 1.0):
+        state = {
+            k: (torch.randn(v.shape, generator=gen) * 10).to(v.dtype) if v.is_floating_point() else torch.tensor(4)
+            for k, v in reference.items()
+        }
+        acc.add(state, weight, site=str(weight))
+    sums, total = acc.sums()
+    from lightning_fedseg.federation.flat import flat_span
+
+    assert flat_span([sums[k] for k in ("conv.weight", "bn.running_mean", "fc.bias")]) is not None  # one pass
+    apart = {k: v.clone() for k, v in sums.items()}  # separate storages: the per-tensor path
+    flat, each = finalize_mean(sums, total, reference), finalize_mean(apart, total, reference)
+    assert list(flat) == list(reference)
+    for key, ref in reference.items():
+        assert flat[key].dtype == ref.dtype and flat[key].shape == ref.shape
+        assert torch.equal(flat[key], each[key]), key
+        if ref.is_floating_point():
+            assert torch.equal(flat[key], (apart[key] / total).to(ref.dtype)), key
+    assert flat["bn.num_batches_tracked"].item() == 4
