@@ -217,7 +217,7 @@ class RunFile:
     def key(self) -> str:
         job = self.job
         site = f"-{job.site}" if job.site else ""
-        without = f"-without-{job.leave_out}" if getattr(job, "leave_out", None) else ""
+        without = f"-without-{job.leave_out}" if job.leave_out else ""
         return f"{job.split}{without}-{job.mode}{site}-seed{job.seed}-{self.settings}"
 
 

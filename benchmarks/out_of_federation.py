@@ -73,7 +73,6 @@ def summarize(runs: Sequence[dict[str, Any]], settings: str, left_out: Sequence[
             row[mode] = {"mean": mean, "std": std, "n": n, "stops": stops_text(chosen) if chosen else "-"}
             if chosen:
                 row["trained_sites"] = len(chosen[0]["sites"])
-                row["test_subjects_of"] = site
         if row["fedavg"]["n"] or row["cds"]["n"]:
             fedavg, cds = row["fedavg"], row["cds"]
             row["percent_of_cds"] = 100 * fedavg["mean"] / cds["mean"] if fedavg["n"] and cds["n"] else None
