@@ -21,6 +21,7 @@ from torch import Tensor
 
 from lightning_fedseg.federation.flat import (
     FlatLayout,
+    add_scaled,
     all_finite,
     block_buffer,
     divide_into,
@@ -122,11 +123,10 @@ class WeightedMean:
 
     Add one site at a time; only one float64 sum (plus one integer maximum where asked) is held.
     Tensors are kept as one flat buffer per dtype (:class:`.FlatLayout`) on the device of the first
-    state added: each site's state is copied into a flat float64 staging buffer (one fused copy
-    per dtype, casting as it copies), checked for finiteness by one reduction, and added to the
-    sum with one ``add_(staged, alpha=weight)`` between buffers of one dtype. (On a CPU, adding a
-    float32 buffer to a float64 one would first copy it whole to float64: staging in float64 is
-    that copy, made once.)
+    state added: each site's state is copied into a flat staging buffer of its own dtype (one fused
+    copy per dtype), checked for finiteness by one reduction over it, and added to the float64 sum
+    times its weight (:func:`.add_scaled`: on a CPU cast block by block through one reused buffer,
+    since a mixed-dtype ``add_`` would first copy the whole operand to float64).
 
     Example:
         >>> acc = WeightedMean()
@@ -140,7 +140,8 @@ class WeightedMean:
         self.integer_policy = IntegerPolicy(integer_policy)
         self._reference: dict[str, Tensor] | None = None
         self._layout: FlatLayout | None = None
-        self._stage: dict[torch.dtype, Tensor] = {}  # one site's tensors, flat: float64 where summed
+        self._stage: dict[torch.dtype, Tensor] = {}  # one site's tensors, flat, in their own dtypes
+        self._block: Tensor | None = None  # the float64 cast buffer of add_scaled and divide_into (CPU)
         self._stage_views: dict[str, Tensor] = {}
         self._acc: dict[torch.dtype, Tensor] = {}  # float64 sums; own-dtype maxima and booleans
         self.reset()
@@ -163,12 +164,8 @@ class WeightedMean:
         self._reference = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in state.items()}
         layout = self._layout = FlatLayout(state)
         device = next(iter(state.values())).device if state else torch.device("cpu")
-        self._stage = {
-            dtype: torch.zeros(
-                layout.numel(dtype), dtype=torch.float64 if self._summed(dtype) else dtype, device=device
-            )
-            for dtype in layout.groups
-        }
+        self._stage = {dtype: torch.zeros(layout.numel(dtype), dtype=dtype, device=device) for dtype in layout.groups}
+        self._block = block_buffer(torch.empty(0, device=device))
         self._stage_views = layout.views(self._stage)
         self._acc = {}
         return layout
@@ -196,11 +193,9 @@ class WeightedMean:
         for dtype, staged in self._stage.items():
             acc = self._acc.get(dtype)
             if acc is None:
-                acc = self._acc[dtype] = torch.empty_like(staged)
-            if self._summed(dtype) and first:
-                torch.mul(staged, weight, out=acc)
-            elif self._summed(dtype):
-                acc.add_(staged, alpha=weight)
+                acc = self._acc[dtype] = torch.empty_like(staged, dtype=torch.float64 if self._summed(dtype) else dtype)
+            if self._summed(dtype):
+                add_scaled(acc, staged, weight, self._block, overwrite=first)
             elif first:  # booleans, integer maxima
                 acc.copy_(staged)
             elif dtype != torch.bool:
@@ -226,8 +221,9 @@ class WeightedMean:
             raise ValueError("Cannot average zero sites: no state was added.")
         means = {}
         for dtype, acc in self._acc.items():
-            if dtype.is_floating_point:  # divided in float64 (into the staging buffer), rounded once
-                means[dtype] = torch.div(acc, self.total_weight, out=self._stage[dtype]).to(dtype)
+            if dtype.is_floating_point:  # divided in float64, rounded once
+                out = torch.empty(acc.numel(), dtype=dtype, device=acc.device)
+                means[dtype] = divide_into(acc, self.total_weight, out, self._block)
             elif self._summed(dtype):
                 means[dtype] = torch.round(acc / self.total_weight).to(dtype)
             else:
@@ -269,7 +265,8 @@ def finalize_mean(
                 block = block_buffer(value, value.dtype)
             mean = divide_into(value, total_weight, torch.empty(value.numel(), dtype=dtype, device=value.device), block)
             for key, part in zip(group, mean.split([sums[k].numel() for k in group]), strict=True):
-                out[key] = part.view(reference[key].shape)
+                shape = reference[key].shape
+                out[key] = part if len(shape) == 1 else part.view(shape)  # a split is already 1-D
     return {key: out[key] for key in reference}
 
 

@@ -12,6 +12,9 @@ Here each is one fused operation (or one per dtype):
 - :func:`load_by_copy` puts a state into a module with one ``torch._foreach_copy_`` into its live
   tensors, where ``load_state_dict`` would be exactly that copy (no hooks, no custom loading), and
   calls ``load_state_dict`` otherwise;
+- :func:`add_scaled` adds a site's flat float32 state, times its weight, to the float64 sum; on a
+  CPU a mixed-dtype ``add_`` would first copy the whole operand to float64, so it casts block by
+  block through one reused buffer instead (the cast stays in cache);
 - :func:`divide_into` is the final division of a float64 sum into a tensor of the model's dtype.
   On a CPU a mixed-dtype ``torch.div(acc, w, out=x)`` first makes a float64 result the size of the
   whole tensor, then copies it (for a 2M-value convolution, a fresh 16 MB allocation whose page
@@ -34,6 +37,7 @@ from torch import Tensor, nn
 __all__ = [
     "BLOCK",
     "FlatLayout",
+    "add_scaled",
     "all_finite",
     "block_buffer",
     "divide_into",
@@ -86,7 +90,8 @@ class FlatLayout:
             keys = self.groups[dtype]
             sizes = [math.prod(self.shapes[k]) for k in keys]
             for key, part in zip(keys, flat.split(sizes), strict=True):
-                out[key] = part.view(self.shapes[key])
+                shape = self.shapes[key]
+                out[key] = part if len(shape) == 1 else part.view(shape)  # a split is already 1-D
         return out
 
     def gather(self, state: State, views: Mapping[str, Tensor]) -> None:
@@ -122,6 +127,36 @@ def divide_into(src: Tensor, divisor: float, out: Tensor, block: Tensor | None =
         torch.div(src[start:stop], divisor, out=part)
         flat_out[start:stop].copy_(part)
     return out
+
+
+def add_scaled(
+    acc: Tensor, src: Tensor, alpha: float, block: Tensor | None = None, *, overwrite: bool = False
+) -> Tensor:
+    """``acc += alpha * src`` (``acc = alpha * src`` with ``overwrite``), computed in ``acc``'s dtype:
+    what ``acc.add_(src.to(acc.dtype), alpha=alpha)`` gives, bit for bit, block by block through
+    ``block`` (of ``acc``'s dtype) when there is one and the dtypes differ. Both are flat.
+
+    Example:
+        >>> acc, block = torch.ones(3, dtype=torch.float64), torch.empty(2, dtype=torch.float64)
+        >>> add_scaled(acc, torch.tensor([1.0, 2.0, 3.0]), 0.5, block).tolist()
+        [1.5, 2.0, 2.5]
+        >>> add_scaled(acc, torch.tensor([1.0, 2.0, 3.0]), 2.0, block, overwrite=True).tolist()
+        [2.0, 4.0, 6.0]
+    """
+    if block is None or src.dtype == acc.dtype:
+        if overwrite:  # not ``torch.mul(src, alpha, out=acc)``: that computes in src's dtype
+            return acc.copy_(src).mul_(alpha)
+        return acc.add_(src, alpha=alpha)
+    size = block.numel()
+    for start in range(0, src.numel(), size):
+        stop = min(src.numel(), start + size)
+        part = block[: stop - start]
+        part.copy_(src[start:stop])
+        if overwrite:
+            torch.mul(part, alpha, out=acc[start:stop])
+        else:
+            acc[start:stop].add_(part, alpha=alpha)
+    return acc
 
 
 def flat_span(tensors: Sequence[Tensor]) -> Tensor | None:

@@ -15,6 +15,7 @@ from lightning_fedseg.federation.aggregate import (
 )
 from lightning_fedseg.federation.flat import (
     FlatLayout,
+    add_scaled,
     all_finite,
     block_buffer,
     divide_into,
@@ -87,6 +88,22 @@ def test_blocked_division_equals_the_whole_tensor_division_bit_for_bit(dtype):
     out = torch.empty(5, 9, dtype=dtype)
     divided = divide_into(total, 3.1, out, torch.empty(7, dtype=torch.float64))
     assert divided is out and torch.equal(out, (total / 3.1).to(dtype))
+
+
+@pytest.mark.parametrize("block", [None, 7], ids=["whole", "blocked"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int64])
+def test_scaled_add_equals_the_float64_add_of_the_cast_operand_bit_for_bit(dtype, block):
+    """With a weight that is not exact in float32, ``acc = w * x`` then ``acc += w * y`` (through a
+    7-element block, the last one partial, or whole) is what the same float64 operations on
+    ``x.double()`` and ``y.double()`` give: the product is never formed in the operand's dtype."""
+    g = torch.Generator().manual_seed(1)
+    x, y = ((torch.randn(45, generator=g) * 100).to(dtype) for _ in range(2))
+    buffer = None if block is None else torch.empty(block, dtype=torch.float64)
+    acc = torch.full((45,), float("nan"), dtype=torch.float64)
+    assert add_scaled(acc, x, 1234.567, buffer, overwrite=True) is acc
+    assert torch.equal(acc, x.double() * 1234.567)
+    add_scaled(acc, y, 0.1, buffer)
+    assert torch.equal(acc, (x.double() * 1234.567).add_(y.double(), alpha=0.1))
 
 
 def test_the_cast_buffer_is_only_made_on_a_cpu():
