@@ -779,8 +779,9 @@ def aggregation_tables(agg: dict[str, Any]) -> list[str]:
             label = ""
     lines += [
         "",
-        "WeightedMean: per site, copy the state into a flat float64 staging buffer (casting as it copies),"
-        " one finiteness reduction, one float64 add (the first site: a multiply into the sum); plus the"
+        "WeightedMean: per site, copy the state into a flat staging buffer of its own dtype, one finiteness"
+        " reduction over it, one float64 add cast through a reused block (the first site: a multiply into"
+        " the sum); plus the"
         " final division (`finalize_mean`, as the engine does), with the buffers of the previous round"
         " reused (the engine keeps one accumulator for the whole fit). Fused add: only the"
         " add, one `add_(flat float32, alpha=w)` into a flat float64 buffer over a state already flat (torch"
