@@ -12,7 +12,7 @@ Here each is one fused operation (or one per dtype):
 - :func:`load_by_copy` puts a state into a module with one ``torch._foreach_copy_`` into its live
   tensors, where ``load_state_dict`` would be exactly that copy (no hooks, no custom loading), and
   calls ``load_state_dict`` otherwise;
-- :func:`add_scaled` adds a site's flat float32 state, times its weight, to the float64 sum; on a
+- :func:`add_scaled` adds a site's flat state (float32, float16, integers), times its weight, to the float64 sum; on a
   CPU a mixed-dtype ``add_`` would first copy the whole operand to float64, so it casts block by
   block through one reused buffer instead (the cast stays in cache);
 - :func:`divide_into` is the final division of a float64 sum into a tensor of the model's dtype.
@@ -195,7 +195,11 @@ def all_finite(flat: Tensor) -> bool:
         >>> all_finite(torch.tensor([1.0, 2.0])), all_finite(torch.tensor([1.0, float("nan")]))
         (True, False)
     """
-    return flat.numel() == 0 or bool(torch.isfinite(flat.sum()))
+    if flat.numel() == 0:
+        return True
+    # half precision is summed in float32, whose range a half state's sum does not leave
+    total = flat.sum(dtype=torch.float32) if flat.is_floating_point() and flat.element_size() < 4 else flat.sum()
+    return bool(torch.isfinite(total))
 
 
 def first_nonfinite(state: State) -> str | None:

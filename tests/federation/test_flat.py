@@ -174,6 +174,14 @@ def test_huge_finite_values_overflowing_the_fused_sum_are_still_accepted():
     assert torch.equal(acc.compute()["w"], big["w"])
 
 
+def test_a_half_precision_sum_beyond_its_range_is_decided_in_float32():
+    """Four float16 values of 60000 sum to 240000, beyond float16's 65504: the one reduction is
+    taken in float32, so a finite half state is decided finite without the tensor-by-tensor look."""
+    assert all_finite(torch.full((4,), 60000.0, dtype=torch.float16))
+    assert not all_finite(torch.tensor([1.0, float("inf")], dtype=torch.float16))
+    assert not all_finite(torch.tensor([1.0, float("nan")], dtype=torch.bfloat16))
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_first_nonfinite_names_the_tensor(bad):
     state = _state(0)
