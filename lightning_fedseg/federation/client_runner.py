@@ -29,6 +29,17 @@ class ClientRunner:
         self._val_backup: dict[str, Tensor] | None = None
         self._val_site: str | None = None
 
+    def on_batch(self, batch: Any) -> None:
+        module = self.strategy.module
+        for client in self.strategy.clients:
+            client.on_batch(module, batch)
+
+    def metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for client in self.strategy.clients:
+            out.update(client.metrics())
+        return out
+
     def with_loss_terms(self, output: Any) -> Any:
         """Add the client steps' loss terms (FedProx) to the training step's loss."""
         module = self.strategy.module

@@ -45,6 +45,9 @@ class ClientStep:
         """Before the site trains: the module holds the round's global weights; ``site_state`` is
         what :meth:`end_site` returned at the site's previous visit (``None`` at the first)."""
 
+    def on_batch(self, module: nn.Module, batch: Any) -> None:
+        """Before every training step of the site, with the batch it trains on (on its device)."""
+
     def loss_term(self, module: nn.Module) -> Tensor | None:
         """An extra term added to the loss of every training step (before backward)."""
         return None
@@ -63,6 +66,11 @@ class ClientStep:
 
     def end_round(self, summed: Mapping[str, Tensor] | None, num_sites: int) -> None:
         """After the round: the sum of every site's contribution (over all processes)."""
+
+    def metrics(self) -> dict[str, float]:
+        """Figures the engine logs at each round's end (e.g. ``privacy/<site>/epsilon`` of this
+        process's sites)."""
+        return {}
 
     def local_keys(self) -> frozenset[str]:
         """State keys that belong to each site, not to the global model during training."""

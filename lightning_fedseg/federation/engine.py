@@ -149,6 +149,7 @@ class RoundEngine:
             faults = self.strategy.faults
             if faults.kind is FaultKind.RAISE and faults.due(site, rnd.index, self._site_index(rnd.active)):
                 raise RuntimeError(f"injected fault at site {site!r} in round {rnd.index}")
+            self.clients.on_batch(batch)
             return self.clients.with_loss_terms(step())
         except Exception as err:  # a site's failure must not stop the federation
             rnd.failed[rnd.active] = f"{type(err).__name__}: {err}"
@@ -275,7 +276,9 @@ class RoundEngine:
             succeeded = len(gathered)
             if succeeded >= strategy.min_sites:
                 states, weights = [g[2] for g in gathered], [g[1] for g in gathered]
-                load_by_copy(module, rnd.live, server.step_from_sites(rnd.global_state, states, weights, rnd.index))
+                names = [strategy.sites[g[0]] for g in gathered]
+                new = server.step_from_sites(rnd.global_state, states, weights, rnd.index, sites=names)
+                load_by_copy(module, rnd.live, new)
         else:
             sums, total = rnd.accumulator.sums()
             reference = rnd.global_state
@@ -326,7 +329,7 @@ class RoundEngine:
         if decision.weights is not None:
             module.load_state_dict(decision.weights)
         trainer.should_stop = trainer.should_stop or decision.stop
-        server_metrics = strategy.server.metrics()
+        server_metrics = {**strategy.server.metrics(), **self.clients.metrics()}
         if isinstance(strategy.server, DPFedAvg) and strategy.server.would_exceed():
             rank_zero_info(f"Round {rnd.index}: one more round would exceed the privacy budget; training stops.")
             trainer.should_stop = True

@@ -271,6 +271,7 @@ class _RobustStep(ServerStep):
         site_states: Sequence[State],
         weights: Sequence[float],
         round_idx: int,
+        sites: Sequence[str] = (),
     ) -> dict[str, Tensor]:
         if len(site_states) != len(weights):
             raise ValueError(f"Expected one weight per site state, but got {len(site_states)} and {len(weights)}.")
@@ -342,6 +343,9 @@ class Krum(_RobustStep):
         self.num_byzantine = check_int("num_byzantine", num_byzantine, minimum=0)
         self.multi = check_int("multi", multi)
         self.last_selected: list[int] = []
+
+    def setup_federation(self, num_sites: int, sample_rate: float, sites_per_round: int) -> None:
+        _check_krum(sites_per_round, self.num_byzantine, self.multi)
 
     def _aggregate(self, site_states: Sequence[State]) -> dict[str, Tensor]:
         self.last_selected = krum_select(site_states, self.num_byzantine, self.multi)

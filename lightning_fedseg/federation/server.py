@@ -96,6 +96,14 @@ class ServerStep(ABC):
         """
         self.param_keys = frozenset(param_keys)
 
+    def setup_federation(self, num_sites: int, sample_rate: float, sites_per_round: int) -> None:  # noqa: B027
+        """Check preconditions that depend on the federation, once its sites are known and before
+        any site trains: ``num_sites`` sites, a fraction ``sample_rate`` of them (``sites_per_round``)
+        planned per round. Does nothing by default.
+
+        Raise ``ValueError`` naming the argument (e.g. Krum's ``n > 2f + 2``) where they fail.
+        """
+
     @abstractmethod
     def step(self, global_state: State, aggregate_state: State, round_idx: int) -> dict[str, Tensor]:
         """The global state of round ``round_idx + 1`` from round ``round_idx``'s global and aggregate."""
@@ -106,8 +114,12 @@ class ServerStep(ABC):
         site_states: Sequence[State],
         weights: Sequence[float],
         round_idx: int,
+        sites: Sequence[str] = (),
     ) -> dict[str, Tensor]:
-        """The same step from every site's state: the weighted mean, then :meth:`step`."""
+        """The same step from every site's state: the weighted mean, then :meth:`step`.
+
+        ``sites`` names the site of each state (in the federation's site order; empty where unknown).
+        """
         if len(site_states) != len(weights) or not site_states:
             raise ValueError(
                 f"Expected one weight per site state and at least one site, but got {len(site_states)} states"

@@ -277,9 +277,8 @@ class FederatedStrategy(FederatedCheckpointing, FederatedProcesses):
         self._sites = sites
         if self.federated:
             self.server.setup(parameter_keys(self.module))
-            setup_federation = getattr(self.server, "setup_federation", None)
-            if setup_federation is not None:
-                setup_federation(len(sites), float(getattr(self.mode, "fraction", 1.0)))
+            per_round = len(self.mode.plan(self.completed_rounds).tasks)
+            self.server.setup_federation(len(sites), float(getattr(self.mode, "fraction", 1.0)), per_round)
             for step in self.clients:
                 step.setup(self.module, sites)
         if self.is_multiprocess and self.federated:

@@ -229,6 +229,21 @@ def test_algorithms_without_a_federated_meaning_are_refused(tmp_path):
         federate(tmp_path / "c", model=ToyClassifier(batchnorm=False), client=FedBN())
 
 
+class _CountSteps(Callback):
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def on_train_batch_end(self, *args, **kwargs) -> None:
+        self.steps += 1
+
+
+def test_krum_with_too_few_sites_is_refused_before_any_site_trains(tmp_path):
+    counter = _CountSteps()
+    with pytest.raises(ValueError, match=r"`num_byzantine`=1 needs more than 2 \* 1 \+ 2 = 4 sites, but got 3"):
+        federate(tmp_path, server=Krum(num_byzantine=1), callbacks=[counter])
+    assert counter.steps == 0
+
+
 @pytest.mark.parametrize(
     "make",
     [
