@@ -630,11 +630,12 @@ class FederatedDataModule(LightningDataModule):
 
     def _distributed_sampler_kwargs(self) -> dict[str, Any] | None:
         """What Lightning would give the ``DistributedSampler`` it injects, or ``None`` if it would not."""
+        from lightning_fedseg.federation.lightning_compat import distributed_sampler_in_use
+
         trainer = self.trainer
-        connector = getattr(trainer, "_accelerator_connector", None)
         if trainer is None or trainer.distributed_sampler_kwargs is None:
             return None
-        if not (getattr(connector, "use_distributed_sampler", True) and getattr(connector, "is_distributed", False)):
+        if not distributed_sampler_in_use(trainer):
             return None
         return dict(trainer.distributed_sampler_kwargs)
 

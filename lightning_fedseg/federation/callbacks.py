@@ -6,6 +6,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+from typing_extensions import override
 
 __all__ = ["FederatedProgressBar", "FederatedRichProgressBar", "federation_progress"]
 
@@ -42,6 +43,7 @@ class _FederatedMetricsMixin:
 class FederatedProgressBar(_FederatedMetricsMixin, TQDMProgressBar):
     """Lightning's TQDM progress bar, titled by round and showing the site being trained."""
 
+    @override
     def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
         super().on_train_epoch_start(trainer)
         info = federation_progress(trainer)
@@ -52,7 +54,8 @@ class FederatedProgressBar(_FederatedMetricsMixin, TQDMProgressBar):
 class FederatedRichProgressBar(_FederatedMetricsMixin, RichProgressBar):
     """Lightning's rich progress bar, titled by round and showing the site being trained."""
 
-    def _get_train_description(self, current_epoch: int) -> str:
+    @override
+    def _get_train_description(self, current_epoch: int) -> str:  # private: see `lightning_compat`
         trainer = self.trainer
         info = federation_progress(trainer)
         if not info:

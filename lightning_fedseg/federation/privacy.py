@@ -32,16 +32,21 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from lightning_fedseg.federation.aggregate import IntegerPolicy, WeightedMean, check_finite
+from lightning_fedseg.federation.aggregators import Aggregator
 from lightning_fedseg.federation.modes import derive_seed
 from lightning_fedseg.federation.server import ServerStep
 
-__all__ = ["DPFedAvg", "clip_update"]
+if TYPE_CHECKING:
+    from lightning_fedseg.federation.transport import CommStats, Transport
+
+__all__ = ["ClippedSumAggregator", "DPFedAvg", "clip_update"]
 
 State = Mapping[str, Tensor]
 
@@ -88,6 +93,8 @@ class DPFedAvg(ServerStep):
             noised aggregate (post-processing: the privacy guarantee is unchanged); robust rules,
             which need every site's own state, cannot follow DP.
     """
+
+    differentially_private = True
 
     def __init__(
         self,
@@ -182,6 +189,14 @@ class DPFedAvg(ServerStep):
     def would_exceed(self) -> bool:
         """Whether one more round would take epsilon past ``target_epsilon``."""
         return self.target_epsilon is not None and self.epsilon(extra_rounds=1) > self.target_epsilon
+
+    def stop_reason(self) -> str | None:
+        if self.would_exceed():
+            return f"one more round would exceed the privacy budget (target_epsilon={self.target_epsilon})"
+        return None
+
+    def aggregator(self, integer_policy: IntegerPolicy | str, masked: bool, site_names: Sequence[str]) -> Aggregator:
+        return ClippedSumAggregator(self, masked)
 
     def metrics(self) -> dict[str, float]:
         out = {"privacy/epsilon": self.epsilon()}
@@ -289,3 +304,39 @@ class DPFedAvg(ServerStep):
 
     def __repr__(self) -> str:
         return f"DPFedAvg(clip_norm={self.clip_norm}, noise_multiplier={self.noise_multiplier})"
+
+
+class ClippedSumAggregator(Aggregator):
+    """DP-FedAvg's round: each site's clipped update with weight 1 (a fixed denominator), each
+    process's share of the noise on its own sum, one (optionally masked) all-reduce, the step."""
+
+    def __init__(self, server: DPFedAvg, masked: bool = False) -> None:
+        super().__init__()
+        self.server = server
+        self.masked = masked
+        self.accumulator = WeightedMean(IntegerPolicy.MEAN)
+
+    def start(self, global_state: dict[str, Tensor]) -> None:
+        super().start(global_state)
+        self.accumulator.reset()
+
+    def add(self, site: str, index: int, state: Mapping[str, Tensor], weight: float) -> None:
+        check_finite(state, site)
+        self.accumulator.add(self.server.clip(state, self.global_state), 1.0, site)
+        self.count += 1
+
+    def combine(
+        self, transport: Transport, stats: CommStats, round_idx: int, min_sites: int
+    ) -> tuple[dict[str, Tensor] | None, int]:
+        server, global_state = self.server, self.global_state
+        sums, total = self.accumulator.sums()
+        # Each process adds its share of the noise to its own sum (and the count of unclipped sites).
+        reference = {**global_state, **server.extra_sums()}
+        zeros = {k: torch.zeros(v.shape, dtype=torch.float64, device=v.device) for k, v in reference.items()}
+        sums = server.noise_share({**zeros, **sums}, global_state, transport.world_size, transport.rank, round_idx)
+        sums, total, succeeded = transport.all_reduce_sums(
+            sums, total, self.count, reference, stats, round_idx, masked=self.masked
+        )
+        if succeeded < min_sites:
+            return None, succeeded
+        return server.step_from_sum(global_state, sums, round_idx), succeeded

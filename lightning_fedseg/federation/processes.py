@@ -1,38 +1,50 @@
 """Where the sites run: one process (simulated) or one rank per site on torch.distributed.
 
 The DDP machinery of :class:`~lightning.pytorch.strategies.DDPStrategy` launches and connects the
-processes; this mixin keeps one process free of any process group, refuses unauthenticated
-remote addresses unless acknowledged, leaves the sites' loaders unsharded (only ``cds`` is plain
-DDP), and sends Lightning's own broadcasts as tensors, never pickled.
+processes; this base of :class:`~lightning_fedseg.federation.strategy.FederatedStrategy` keeps one
+process free of any process group, refuses unauthenticated remote addresses unless acknowledged,
+leaves the sites' loaders unsharded (only ``cds`` is plain DDP), builds the fit's
+:class:`~lightning_fedseg.federation.transport.Transport`, and sends Lightning's own broadcasts
+through it as tensors, never pickled.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import RunningStage
+from typing_extensions import override
 
-from lightning_fedseg.federation.comm import SiteComm
+from lightning_fedseg.federation.transport import DistributedTransport, LocalTransport, Transport
 
 __all__ = ["FederatedProcesses"]
 
 
 class FederatedProcesses(DDPStrategy):
-    """Process and device handling of :class:`~lightning_fedseg.federation.strategy.FederatedStrategy`."""
+    """Process and device handling of a federation: DDP's launcher and process group, no DDP wrapper.
 
-    allow_remote: bool
-    placement: dict[str, int]
+    Args:
+        allow_remote: acknowledge that torch.distributed traffic is neither encrypted nor
+            authenticated; without it, a multi-process run refuses a non-loopback address.
+        **kwargs: as for ``DDPStrategy``.
+    """
 
-    if TYPE_CHECKING:  # provided by FederatedStrategy
+    def __init__(self, allow_remote: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.allow_remote = allow_remote
+        self._transport: Transport | None = None
 
-        @property
-        def federated(self) -> bool: ...
+    @property
+    def federated(self) -> bool:
+        """Whether sites train one at a time (otherwise this is plain DDP over pooled data)."""
+        return True
 
     @property
     def is_multiprocess(self) -> bool:
@@ -47,12 +59,14 @@ class FederatedProcesses(DDPStrategy):
     def federation_rank(self) -> int:
         return self.global_rank if self.is_multiprocess else 0
 
+    @override
     def _configure_launcher(self) -> None:
         if self.is_multiprocess:
             super()._configure_launcher()
         else:
             self._launcher = None
 
+    @override
     def setup_distributed(self) -> None:
         self.set_world_ranks()
         if not self.is_multiprocess:
@@ -79,6 +93,7 @@ class FederatedProcesses(DDPStrategy):
             )
 
     @property
+    @override
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
         # Only centralized training shards its pooled training data over ranks (plain DDP).
         # Validation stays whole: per-volume metrics need whole volumes, and a federated rank
@@ -89,24 +104,34 @@ class FederatedProcesses(DDPStrategy):
             return super().distributed_sampler_kwargs
         return {"num_replicas": 1, "rank": 0}
 
+    @override
     def configure_ddp(self) -> None:
         # No gradient synchronization between sites: only CDS on several ranks is plain DDP.
         if not self.federated and self.is_multiprocess:
             super().configure_ddp()
 
+    @override
     def _setup_model(self, model: Any) -> Any:
         if not self.federated and self.is_multiprocess:
             return super()._setup_model(model)
         return model
 
-    @property
-    def comm(self) -> SiteComm:
-        """Collectives between this process and the others (a no-op in one process)."""
-        world = self.world_size if self.is_multiprocess else 1
+    def make_transport(self, placement: Mapping[str, int]) -> Transport:
+        """The transport of this fit: in-process for one process, torch.distributed for several."""
+        if not self.is_multiprocess:
+            return LocalTransport(placement)
         backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else "gloo"
         device = self.root_device if backend == "nccl" else torch.device("cpu")
-        return SiteComm(self.placement, self.federation_rank, world, self._timeout, device)
+        return DistributedTransport(placement, self.federation_rank, self.world_size, self._timeout, device)
 
+    @property
+    def transport(self) -> Transport:
+        """The fit's transport (before the sites are placed: one without placement)."""
+        if self._transport is None:
+            return self.make_transport({})
+        return self._transport
+
+    @override
     def broadcast(self, obj: Any, src: int = 0) -> Any:
         """Lightning's broadcasts (checkpoint paths, flags) as JSON text in a byte tensor, never pickled."""
         if not (self.is_multiprocess and dist.is_available() and dist.is_initialized()):
@@ -118,7 +143,7 @@ class FederatedProcesses(DDPStrategy):
                 text = json.dumps({"kind": kind, "value": os.fspath(obj) if kind == "path" else obj})
             except TypeError:
                 text = json.dumps({"kind": "error", "value": type(obj).__name__})
-        message = json.loads(self.comm.broadcast_text(text, src) or "null")
+        message = json.loads(self.transport.broadcast_text(text, src) or "null")
         if message["kind"] == "error":
             raise TypeError(
                 f"FederatedStrategy broadcasts only JSON-compatible values between processes (nothing is pickled);"

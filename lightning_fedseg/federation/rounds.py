@@ -7,22 +7,21 @@ the engine takes the records in the order Lightning uses the batches.
 
 from __future__ import annotations
 
+import math
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from torch import Tensor
 
-from lightning_fedseg.federation.aggregate import WeightedMean
-from lightning_fedseg.federation.comm import CommStats
 from lightning_fedseg.federation.modes import RoundPlan
-from lightning_fedseg.federation.semantics import site_batch_limit
+from lightning_fedseg.federation.transport import CommStats
 
 if TYPE_CHECKING:
     from lightning_fedseg.federation.engine import RoundEngine
 
-__all__ = ["IDLE", "BatchRecord", "Round", "RoundFailedError", "RoundIterable", "with_last"]
+__all__ = ["IDLE", "BatchRecord", "Round", "RoundFailedError", "RoundIterable", "site_batch_limit", "with_last"]
 
 T = TypeVar("T")
 
@@ -62,8 +61,7 @@ class Round:
     current: BatchRecord | None = None
     active: int | None = None
     start_state: dict[str, Tensor] | None = None
-    accumulator: WeightedMean | None = None
-    site_results: list[tuple[dict[str, Tensor], float, str]] = field(default_factory=list)
+    batches: int = 0  # batches taken so far (none: Lightning replayed a finished epoch's end on resume)
     client_sums: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     succeeded: list[str] = field(default_factory=list)
     failed: dict[int, str] = field(default_factory=dict)
@@ -73,6 +71,31 @@ class Round:
     handover_seconds: float = 0.0  # this process's site starts and ends, and the round's combine
     comm: CommStats = field(default_factory=CommStats)
     task_started_at: float = 0.0
+
+
+def site_batch_limit(limit: int | float, loader: Any, site: str) -> int | None:
+    """The number of batches ``limit_train_batches`` allows a site per local epoch (``None``: all).
+
+    Example:
+        >>> [site_batch_limit(limit, range(5), "a") for limit in (2, 0.5, 1.0)]
+        [2, 2, None]
+    """
+    if isinstance(limit, int):
+        return limit
+    if limit >= 1.0:
+        return None
+    if not isinstance(loader, Sized):
+        raise ValueError(
+            f"`limit_train_batches={limit}` is a fraction, but site {site!r}'s loader has no length."
+            " HINT: give an integer number of batches."
+        )
+    count = int(len(loader) * limit)
+    if count == 0 and limit > 0 and len(loader) > 0:
+        raise ValueError(
+            f"`limit_train_batches={limit}` leaves site {site!r} no batch of its {len(loader)}."
+            f" HINT: use at least {math.ceil(1 / len(loader) * 1000) / 1000}."
+        )
+    return count
 
 
 def with_last(items: Iterable[T], limit: int | None = None) -> Iterator[tuple[T, bool]]:

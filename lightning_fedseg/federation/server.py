@@ -36,7 +36,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from lightning_fedseg.federation.aggregate import check_compatible, weighted_average
+from lightning_fedseg.federation.aggregate import IntegerPolicy, check_compatible, weighted_average
+from lightning_fedseg.federation.aggregators import Aggregator, MeanAggregator, SiteStatesAggregator
 
 __all__ = [
     "FedAdagrad",
@@ -80,11 +81,16 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 class ServerStep(ABC):
     """Base class: one server update per round, ``step(global, aggregate, round) -> new global``.
 
-    Steps with ``needs_site_states = True`` (robust aggregation) need every site's state of the
-    round instead of the aggregate; the engine calls :meth:`step_from_sites` for them.
+    How the round's site results reach the step is the step's :meth:`aggregator`: by default the
+    running weighted mean (then :meth:`step`), or, for steps with ``needs_site_states = True``
+    (robust aggregation), every site's own state (then :meth:`step_from_sites`).
     """
 
     needs_site_states: ClassVar[bool] = False
+    needs_mean_rounds: ClassVar[bool] = True
+    """Whether the step needs rounds in which every site starts from the same global weights (``fedavg``)."""
+    differentially_private: ClassVar[bool] = False
+    """Whether the step releases a differentially private aggregate (per-site sums that bypass it are refused)."""
 
     def __init__(self) -> None:
         self.param_keys: frozenset[str] | None = None
@@ -127,6 +133,22 @@ class ServerStep(ABC):
             )
         return self.step(global_state, weighted_average(zip(site_states, weights, strict=True)), round_idx)
 
+    def aggregator(self, integer_policy: IntegerPolicy | str, masked: bool, site_names: Sequence[str]) -> Aggregator:
+        """How this step collects a round's site results (made once per fit; see :mod:`.aggregators`).
+
+        Args:
+            integer_policy: how integer buffers combine in a mean.
+            masked: whether each process's sum is pairwise-masked before it is added up.
+            site_names: the federation's sites, in order.
+        """
+        if self.needs_site_states:
+            return SiteStatesAggregator(self, tuple(site_names))
+        return MeanAggregator(self, integer_policy, masked)
+
+    def stop_reason(self) -> str | None:
+        """Why the federation must stop after this round (e.g. a privacy budget), or ``None``."""
+        return None
+
     def metrics(self) -> dict[str, float]:
         """Figures the engine logs each round (e.g. ``privacy/epsilon``)."""
         return {}
@@ -144,10 +166,15 @@ class ServerStep(ABC):
 class FedAvgStep(ServerStep):
     """FedAvg (McMahan et al., AISTATS 2017): the new global state is the aggregate.
 
+    The default step of every mode: where a mode forms no mean (``iil``, ``ciil``, ``single``) it is
+    never called, so it needs no ``fedavg`` rounds.
+
     Example:
         >>> FedAvgStep().step({"w": torch.zeros(1)}, {"w": torch.ones(1)}, round_idx=0)
         {'w': tensor([1.])}
     """
+
+    needs_mean_rounds = False
 
     def step(self, global_state: State, aggregate_state: State, round_idx: int) -> dict[str, Tensor]:
         check_compatible(global_state, aggregate_state, site="aggregate")

@@ -66,7 +66,7 @@ class SiteStates:
     """
 
     def __init__(self, optimizers: Sequence[Optimizer], schedulers: Sequence[LRSchedulerConfig], keep: bool) -> None:
-        self.optimizers = [o._optimizer if isinstance(o, LightningOptimizer) else o for o in optimizers]
+        self.optimizers = [o.optimizer if isinstance(o, LightningOptimizer) else o for o in optimizers]
         self.schedulers = list(schedulers)
         self.keep = keep
         self._local = {id(c.scheduler) for c in self.schedulers if c.interval == "step"}

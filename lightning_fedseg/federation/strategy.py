@@ -22,29 +22,28 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
+from typing_extensions import override
 
 from lightning_fedseg._validation import check_int
+from lightning_fedseg.federation import lightning_compat as compat
 from lightning_fedseg.federation.aggregate import IntegerPolicy
-from lightning_fedseg.federation.checkpointing import FederatedCheckpointing
+from lightning_fedseg.federation.checkpointing import FEDERATION_KEY, FederationCheckpoint
 from lightning_fedseg.federation.client_steps import ClientStep
 from lightning_fedseg.federation.engine import RoundEngine
 from lightning_fedseg.federation.faults import FaultInjector
 from lightning_fedseg.federation.modes import CDS, CollaborationMode, FedAvg
 from lightning_fedseg.federation.placement import assign_sites
 from lightning_fedseg.federation.processes import FederatedProcesses
+from lightning_fedseg.federation.round_hooks import RoundHooks
 from lightning_fedseg.federation.rounds import RoundFailedError, RoundIterable
-from lightning_fedseg.federation.semantics import (
-    check_algorithms,
-    check_trainer,
-    patch_accumulation,
-    unpatch_accumulation,
-)
+from lightning_fedseg.federation.semantics import UnsupportedFeatureError, check_algorithms, check_trainer
 from lightning_fedseg.federation.server import FedAvgStep, ServerStep, parameter_keys
 from lightning_fedseg.federation.site_state import SiteStates
+from lightning_fedseg.federation.transport import CommStats
 
 __all__ = ["FederatedStrategy", "OptimizerStatePolicy", "RoundFailedError", "SiteDataModule"]
 
@@ -77,37 +76,7 @@ class _SkipStep(Exception):
     """Raised inside the optimizer closure of a batch that trains nothing, to skip the step."""
 
 
-class _RoundHooks(Callback):
-    """Internal callback the strategy puts first in ``trainer.callbacks``: it closes each round
-    (before ``ModelCheckpoint`` saves) and logs the round's federation figures."""
-
-    def __init__(self, strategy: FederatedStrategy) -> None:
-        self.strategy = strategy
-
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.sanity_checking and trainer.state.fn == TrainerFn.FITTING:
-            self.strategy.engine.finish_round()
-
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        self.strategy.engine.before_optimizer_step(optimizer)
-
-    def on_validation_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        self.strategy.engine.clients.validate_site(dataloader_idx)
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.strategy.engine.clients.validate_site(None)
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        strategy = self.strategy
-        if strategy.engine.round is not None:
-            strategy.engine.end_round(trainer, pl_module)
-        elif isinstance(strategy.mode, CDS):  # plain Lightning training: count the round
-            strategy.completed_rounds += 1
-
-
-class FederatedStrategy(FederatedCheckpointing, FederatedProcesses):
+class FederatedStrategy(FederatedProcesses):
     """Run a collaboration mode (``cds``, ``fedavg``, ``iil``, ``ciil``, ``single``) inside ``fit``.
 
     With one process every site is simulated in turn; launched with several processes (``devices``,
@@ -187,6 +156,7 @@ class FederatedStrategy(FederatedCheckpointing, FederatedProcesses):
                 raise ValueError(f"Expected `timeout` to be positive, but got {timeout}.")
             timeout = timedelta(seconds=float(timeout))
         super().__init__(
+            allow_remote=allow_remote,
             timeout=timeout,
             process_group_backend=process_group_backend,
             start_method=start_method,
@@ -202,52 +172,82 @@ class FederatedStrategy(FederatedCheckpointing, FederatedProcesses):
         self.min_sites = min_sites
         self.seed = seed
         self.integer_policy = IntegerPolicy(integer_policy)
-        self.allow_remote = allow_remote
-        self.engine = RoundEngine(self)
+        self.engine: RoundEngine | None = None
         self.site_states = SiteStates([], [], keep=False)
+        self._checkpoint: FederationCheckpoint | None = None
         self._sites: tuple[str, ...] = ()
         self.placement: dict[str, int] = {}
-        self._ready = False
-        self._pending_state: dict[str, Any] | None = None
-        self._pending_path: str | None = None
+        self._pending: tuple[Mapping[str, Any], str] | None = None
         self._user_batch_limit: int | float | None = None
-        self.history: list[dict[str, Any]] = []
-        self.completed_rounds = 0
 
     @property
+    def history(self) -> list[dict[str, Any]]:
+        """One record per closed round (sites, failures, seconds, bytes, the steps' figures)."""
+        return self.engine.history if self.engine is not None else []
+
+    @property
+    def completed_rounds(self) -> int:
+        """Rounds closed so far (resumed ones included)."""
+        return self.engine.completed_rounds if self.engine is not None else 0
+
+    @property
+    @override
     def federated(self) -> bool:
         """Whether rounds run site by site (every mode but ``cds``, which is plain training)."""
         return not isinstance(self.mode, CDS)
 
+    @override
     def setup(self, trainer: pl.Trainer) -> None:
+        compat.check_lightning()
         if self.is_multiprocess:
+            if self.federated and compat.sync_batchnorm_requested(self):
+                raise UnsupportedFeatureError(
+                    "FederatedStrategy cannot keep the meaning of `sync_batchnorm=True`: it would synchronize"
+                    " BatchNorm statistics between the processes' sites inside a round, which trains them"
+                    " together. HINT: leave it off; the round's aggregate already combines the sites' statistics,"
+                    " and `FedBN` keeps them per site."
+                )
             super().setup(trainer)
-        else:  # one process: the single-device path (no process group to synchronize over)
+        else:  # one process: the single-device path (no process group; `sync_batchnorm` has no effect)
             Strategy.setup(self, trainer)
         if trainer.state.fn != TrainerFn.FITTING:
             return
-        callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]
-        if not any(isinstance(cb, _RoundHooks) for cb in callbacks):
-            callbacks.insert(0, _RoundHooks(self))
         if self.federated:
             check_trainer(trainer, self.mode)
+            if is_param_in_hook_signature(self.module.training_step, "dataloader_iter", explicit=True):
+                raise UnsupportedFeatureError(
+                    "FederatedStrategy cannot train a `training_step(self, dataloader_iter)`: the step pulls batches"
+                    " itself, so the strategy never sees a batch begin and cannot switch sites between them."
+                    " HINT: take `batch` (and `batch_idx`) instead."
+                )
             check_algorithms(self.mode, self.server, self.clients, self.module, self.masking)
             keep = self.optimizer_state_policy == OptimizerStatePolicy.KEEP or not self.mode.resets_each_round
             self.site_states = SiteStates(self.optimizers, self.lr_scheduler_configs, keep=keep)
             # `limit_train_batches` limits each site's local epoch, not the round.
             self._user_batch_limit = trainer.limit_train_batches
-            self.engine.batch_limit = trainer.limit_train_batches
             trainer.limit_train_batches = 1.0
-            patch_accumulation(trainer, self.engine.local_batch)
+        self.ensure_ready()
+        assert self.engine is not None
+        callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]
+        callbacks[:] = [cb for cb in callbacks if not isinstance(cb, RoundHooks)]
+        callbacks.insert(0, RoundHooks(self.engine, self.federated))
+        if self.federated:
+            compat.patch_accumulation(trainer, self.engine.local_batch)
         if self.is_multiprocess and self.federated:
-            # Every site starts from rank 0's initial weights, as DDP would ensure.
-            _sync_module_states(self.module)
+            self._sync_initial_weights()
             # A rank evaluates only its own sites: its loaders for other sites are empty.
             self.module.allow_zero_length_dataloader_with_multiple_devices = True
-            # Ranks train different numbers of batches per round, so Lightning's per-batch SIGTERM
-            # broadcast would pair up unrelated collectives. Sites synchronize at round ends only.
-            trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: None  # type: ignore[method-assign]
-        self.ensure_ready()
+            compat.skip_per_batch_sigterm_broadcast(trainer)
+
+    def _sync_initial_weights(self) -> None:
+        """Every site starts from rank 0's initial weights, as DDP would ensure."""
+        assert self.engine is not None
+        transport = self.engine.transport
+        received, _ = transport.broadcast_state(
+            self.module.state_dict(), ok=True, src=0, stats=CommStats(), round_idx=-1, what="initial weights"
+        )
+        if received is not None:
+            self.module.load_state_dict(received)
 
     # ------------------------------------------------------------------ sites and data
     @property
@@ -267,7 +267,8 @@ class FederatedStrategy(FederatedCheckpointing, FederatedProcesses):
         return datamodule
 
     def ensure_ready(self) -> None:
-        if self._ready:
+        """Place the sites and build the fit's engine, transport and checkpoint part (once per fit)."""
+        if self.engine is not None:
             return
         datamodule = self.datamodule()
         sites = tuple(str(s) for s in datamodule.site_names)
@@ -277,7 +278,7 @@ class FederatedStrategy(FederatedCheckpointing, FederatedProcesses):
         self._sites = sites
         if self.federated:
             self.server.setup(parameter_keys(self.module))
-            per_round = len(self.mode.plan(self.completed_rounds).tasks)
+            per_round = len(self.mode.plan(0).tasks)
             self.server.setup_federation(len(sites), float(getattr(self.mode, "fraction", 1.0)), per_round)
             for step in self.clients:
                 step.setup(self.module, sites)
@@ -290,10 +291,38 @@ class FederatedStrategy(FederatedCheckpointing, FederatedProcesses):
                 datamodule.restrict_sites(self.local_sites)
         else:
             self.placement = dict.fromkeys(sites, 0)
-        if self._pending_state is not None:
-            self._load_federation_state(self._pending_state)
-            self._pending_state = None
-        self._ready = True
+        transport = self.make_transport(self.placement)
+        self._transport = transport
+        self.engine = RoundEngine(
+            mode=self.mode,
+            server=self.server,
+            clients=self.clients,
+            sites=sites,
+            placement=self.placement,
+            site_states=self.site_states,
+            transport=transport,
+            host=self,
+            seed=self.seed,
+            faults=self.faults,
+            min_sites=self.min_sites,
+            integer_policy=self.integer_policy,
+            masking=self.masking,
+            batch_limit=self._user_batch_limit if self._user_batch_limit is not None else 1.0,
+        )
+        self._checkpoint = FederationCheckpoint(
+            self.mode,
+            self.server,
+            self.clients,
+            self.engine,
+            self.site_states,
+            self.local_sites,
+            {s: i for i, s in enumerate(sites)},
+            sharded=self.is_multiprocess,
+        )
+        if self._pending is not None:
+            state, path = self._pending
+            self._pending = None
+            self._checkpoint.load_state_dict(state, path)
 
     @property
     def sites(self) -> tuple[str, ...]:
@@ -304,14 +333,19 @@ class FederatedStrategy(FederatedCheckpointing, FederatedProcesses):
         """The sites this process trains."""
         return tuple(s for s in self._sites if self.placement.get(s, 0) == self.federation_rank)
 
-    def site_index(self, site: str) -> int:
-        return self._sites.index(site) if site in self._sites else len(self._sites)
+    # ------------------------------------------------------------------ the engine's host
+    @property
+    def device(self) -> torch.device:
+        return self.root_device
 
-    def site_weight(self, site: str) -> float:
+    def site_train_dataloader(self, site: str) -> Any:
+        return self.datamodule().site_train_dataloader(site)
+
+    def site_weight(self, site: str, loader: Any = None) -> float:
         datamodule = self.datamodule()
         if hasattr(datamodule, "site_num_samples"):
             return float(datamodule.site_num_samples(site))
-        dataset = getattr(self.engine.site_loader(site), "dataset", None)
+        dataset = getattr(loader, "dataset", None)
         try:
             return float(len(dataset))  # type: ignore[arg-type]
         except TypeError:
@@ -319,39 +353,6 @@ class FederatedStrategy(FederatedCheckpointing, FederatedProcesses):
                 f"Cannot tell how many samples site {site!r} has: its loader's dataset has no length."
                 " HINT: implement `site_num_samples(site)` on the DataModule."
             ) from None
-
-    def process_dataloader(self, dataloader: object) -> object:
-        dataloader = super().process_dataloader(dataloader)
-        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
-        if trainer is None or not trainer.training or not self.federated:
-            return dataloader
-        return RoundIterable(self.engine)
-
-    # ------------------------------------------------------------------ training hooks
-    def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
-        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
-        if trainer is not None and trainer.training and self.engine.in_round:
-            # Before any `on_train_batch_start`: callbacks see the site's own weights and optimizer.
-            self.engine.on_batch()
-        return super().batch_to_device(batch, device, dataloader_idx)
-
-    def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        batch = args[0] if args else kwargs.get("batch")
-        return self.engine.training_step(lambda: super(FederatedStrategy, self).training_step(*args, **kwargs), batch)
-
-    def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
-        # A batch that trains nothing (an idle rank, a failed site) skips the step entirely, so a
-        # GradScaler never sees an optimizer without gradients.
-        def guarded() -> Any:
-            result = closure()
-            if self.engine.skips_step:
-                raise _SkipStep
-            return result
-
-        try:
-            return super().optimizer_step(optimizer, guarded, model, **kwargs)
-        except _SkipStep:
-            return None
 
     def call_site_hook(self, name: str, site: str, round_idx: int) -> None:
         """Call ``on_site_start`` / ``on_site_end(trainer, pl_module, site, round_idx)`` on the
@@ -362,32 +363,90 @@ class FederatedStrategy(FederatedCheckpointing, FederatedProcesses):
             if callable(hook):
                 hook(trainer, self.module, site, round_idx)
 
+    # ------------------------------------------------------------------ training hooks
+    @override
+    def process_dataloader(self, dataloader: object) -> object:
+        dataloader = super().process_dataloader(dataloader)
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if trainer is None or not trainer.training or not self.federated or self.engine is None:
+            return dataloader
+        # Lightning asks again every `reload_dataloaders_every_n_epochs`: so does each site.
+        self.engine.clear_loaders()
+        return RoundIterable(self.engine)
+
+    @override
+    def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if trainer is not None and trainer.training and self.engine is not None and self.engine.in_round:
+            # Before any `on_train_batch_start`: callbacks see the site's own weights and optimizer.
+            self.engine.on_batch()
+        return super().batch_to_device(batch, device, dataloader_idx)
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self.engine is None:
+            return super().training_step(*args, **kwargs)
+        batch = args[0] if args else kwargs.get("batch")
+        return self.engine.training_step(lambda: super(FederatedStrategy, self).training_step(*args, **kwargs), batch)
+
+    @override
+    def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
+        # A batch that trains nothing (an idle rank, a failed site) skips the step entirely, so a
+        # GradScaler never sees an optimizer without gradients.
+        engine = self.engine
+
+        def guarded() -> Any:
+            result = closure()
+            if engine is not None and engine.skips_step:
+                raise _SkipStep
+            return result
+
+        try:
+            return super().optimizer_step(optimizer, guarded, model, **kwargs)
+        except _SkipStep:
+            return None
+
+    # ------------------------------------------------------------------ checkpoints
+    @override
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        if not self.federated or self.engine is None:  # plain training, or a fit that failed to set up
+            return super().optimizer_state(optimizer)
+        return self.site_states.optimizer_state(optimizer)
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        if self._checkpoint is not None:
+            self._checkpoint.save(checkpoint, filepath)
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    @override
+    def remove_checkpoint(self, filepath: Any) -> None:
+        if self._checkpoint is not None:
+            self._checkpoint.remove(filepath)
+        super().remove_checkpoint(filepath)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, *args, **kwargs)
+        if FEDERATION_KEY in checkpoint:
+            state, path = checkpoint[FEDERATION_KEY], str(checkpoint_path)
+            if self._checkpoint is not None:
+                self._checkpoint.load_state_dict(state, path)
+            else:
+                self._pending = (state, path)
+        return checkpoint
+
     # ------------------------------------------------------------------ display
     def expected_round_batches(self) -> int | None:
         """Training batches this process will see in the coming round (for progress bars)."""
-        from lightning_fedseg.federation.semantics import site_batch_limit
-
-        if not self.federated or not self._ready:
+        if not self.federated or self.engine is None:
             return None
-        rnd = self.engine.round
-        plan = rnd.plan if rnd is not None and not rnd.finished else self.mode.plan(self.completed_rounds)
-        total = 0
-        for task in plan.tasks:
-            if self.placement.get(task.site, 0) != self.federation_rank:
-                continue
-            loader = self.engine.site_loader(task.site)
-            try:
-                count = len(loader)
-            except TypeError:
-                return None
-            limit = site_batch_limit(self.engine.batch_limit, loader, task.site)
-            total += (count if limit is None else min(count, limit)) * task.epochs
-        return max(total, 1)
+        return self.engine.expected_batches()
 
     def progress_info(self) -> dict[str, str]:
         """Round and current site, for progress bars."""
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
-        rnd = self.engine.round
+        rnd = self.engine.round if self.engine is not None else None
         info = {"mode": self.mode.name}
         if trainer is not None:
             info["round"] = str(trainer.current_epoch)
@@ -395,15 +454,18 @@ class FederatedStrategy(FederatedCheckpointing, FederatedProcesses):
             info["site"] = rnd.plan.tasks[rnd.active].site
         return info
 
+    @override
     def teardown(self) -> None:
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         if trainer is not None and self._user_batch_limit is not None:
             trainer.limit_train_batches = self._user_batch_limit
             self._user_batch_limit = None
-            unpatch_accumulation(trainer)
-        self.engine.clear()
+            compat.unpatch_accumulation(trainer)
+        if self.engine is not None:
+            self.engine.clear()
         super().teardown()
 
     @classmethod
+    @override
     def register_strategies(cls, strategy_registry: Any) -> None:  # no DDP aliases for this class
         return

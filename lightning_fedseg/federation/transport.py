@@ -1,8 +1,20 @@
-"""What crosses process boundaries on torch.distributed: model weights, counts and metrics.
+"""The transport seam: everything that crosses a site boundary, behind one interface.
 
-Samples, labels and per-batch gradients never do. Every operation here is a collective over the
-default process group, counted in :class:`CommStats` (seconds and bytes), and wrapped so that a
-dead or hung peer surfaces as an error naming the round and the missing sites.
+Only model weights, sample counts, metrics, flags and public keys cross, always as tensors (never
+pickled objects); samples, labels, gradients and optimizer moments never do. The round engine and
+the client steps call the operations of :class:`Transport` (weighted sums, masked sums, every
+site's state for robust rules, chained hand-overs, metrics, flags, short texts); each is built on
+three primitives, an all-reduce, a broadcast and an all-gather of one flat tensor.
+
+Two transports today, chosen once per fit by the strategy:
+
+* :class:`LocalTransport`: every site in one process (the simulation); nothing is sent.
+* :class:`DistributedTransport`: one or more sites per process on torch.distributed. Every
+  primitive is a collective over the default process group, counted in :class:`CommStats`
+  (seconds and bytes) and wrapped so that a dead or hung peer surfaces as an error naming the
+  round and the missing sites.
+
+A transport across institutions (hub and spoke, e.g. NVIDIA FLARE) implements the same operations.
 """
 
 from __future__ import annotations
@@ -19,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["CommStats", "SiteComm", "flatten_state", "unflatten_state"]
+__all__ = ["CommStats", "DistributedTransport", "LocalTransport", "Transport", "flatten_state", "unflatten_state"]
 
 
 def flatten_state(state: Mapping[str, Tensor], *extra: float, device: torch.device | str = "cpu") -> Tensor:
@@ -61,15 +73,19 @@ class CommStats:
     bytes_received: int = 0
 
 
-class SiteComm:
-    """Collectives between the processes of a federation, each owning some sites.
+class Transport:
+    """Everything that crosses a site boundary, for the sites ``placement`` puts on processes.
+
+    The operations are the same for every transport; a subclass provides the three primitives
+    (:meth:`_all_reduce`, :meth:`_broadcast`, :meth:`_all_gather`). Where :attr:`active` is false
+    (one process) every operation returns its local input and sends nothing.
 
     Args:
         placement: ``{site: rank}``.
-        rank: this process's global rank.
+        rank: this process's rank.
         world_size: number of processes (1: everything is local, nothing is sent).
-        timeout: the collectives' timeout, for messages.
-        device: where tensors must be for the backend (the GPU for NCCL, else the CPU).
+        timeout: the primitives' timeout, for messages.
+        device: where tensors must be for the primitives (the GPU for NCCL, else the CPU).
     """
 
     def __init__(
@@ -83,7 +99,26 @@ class SiteComm:
 
     @property
     def active(self) -> bool:
-        return self.world_size > 1 and dist.is_available() and dist.is_initialized()
+        """Whether anything is sent (several processes)."""
+        return False
+
+    # ------------------------------------------------------------------ primitives
+    def _all_reduce(self, flat: Tensor, op: str = "sum") -> None:
+        """Reduce ``flat`` in place over all processes (``op``: ``"sum"`` or ``"max"``)."""
+        raise NotImplementedError
+
+    def _broadcast(self, flat: Tensor, src: int) -> None:
+        """Replace ``flat`` in place by ``src``'s."""
+        raise NotImplementedError
+
+    def _all_gather(self, flat: Tensor) -> list[Tensor]:
+        """Every process's ``flat`` (all of one shape), in rank order."""
+        raise NotImplementedError
+
+    def unresponsive_sites(self) -> str:
+        """Name the sites of the processes that do not answer (for error messages)."""
+        others = sorted(s for s, r in self.placement.items() if r != self.rank)
+        return f"a process among those of sites {others}"
 
     def _call(self, stats: CommStats, round_idx: int, what: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         start = time.perf_counter()
@@ -97,18 +132,6 @@ class SiteComm:
             ) from err
         finally:
             stats.seconds += time.perf_counter() - start
-
-    def unresponsive_sites(self) -> str:
-        """Name the sites of the processes that do not answer (gloo's monitored barrier)."""
-        others = {s: r for s, r in self.placement.items() if r != self.rank}
-        try:
-            dist.monitored_barrier(timeout=timedelta(seconds=5), wait_all_ranks=True)
-        except Exception as err:
-            match = re.search(r"[Rr]anks? ([\d, ]+) failed", str(err))
-            if match:
-                ranks = {int(r) for r in re.findall(r"\d+", match.group(1))}
-                return str(sorted(s for s, r in others.items() if r in ranks))
-        return f"a process among those of sites {sorted(others)}"
 
     def all_reduce_sums(
         self,
@@ -132,7 +155,7 @@ class SiteComm:
             flat = self._masked_sum(flatten_state(zeros, total, float(count)), count > 0, stats, round_idx)
         else:  # flattened where the backend reduces (the GPU for NCCL): no round trip through the CPU
             flat = flatten_state(zeros, total, float(count), device=self.device)
-            self._call(stats, round_idx, "weighted all-reduce", dist.all_reduce, flat, op=dist.ReduceOp.SUM)
+            self._call(stats, round_idx, "weighted all-reduce", self._all_reduce, flat)
             nbytes = flat.numel() * flat.element_size()
             stats.bytes_sent += nbytes
             stats.bytes_received += nbytes
@@ -148,8 +171,10 @@ class SiteComm:
 
         Returns the received state (``None`` on ``src`` itself) and the ``ok`` flag.
         """
+        if not self.active:
+            return None, ok
         flat = flatten_state(state, 1.0 if ok else 0.0).to(self.device)
-        self._call(stats, round_idx, what, dist.broadcast, flat, src=src)
+        self._call(stats, round_idx, what, self._broadcast, flat, src)
         nbytes = flat.numel() * flat.element_size()
         if src == self.rank:
             stats.bytes_sent += nbytes * (self.world_size - 1)
@@ -164,14 +189,13 @@ class SiteComm:
 
         flags = torch.zeros(self.world_size, dtype=torch.float64, device=self.device)
         flags[self.rank] = 1.0 if participating else 0.0
-        self._call(stats, round_idx, "agreement on the masked set", dist.all_reduce, flags, op=dist.ReduceOp.SUM)
+        self._call(stats, round_idx, "agreement on the masked set", self._all_reduce, flags)
         members = [r for r, flag in enumerate(flags.tolist()) if flag > 0]
         keys = RoundKeys() if participating else None
         public = torch.zeros(32, dtype=torch.uint8)
         if keys is not None:
             public = torch.frombuffer(bytearray(keys.public_bytes()), dtype=torch.uint8)
-        publics = [torch.zeros(32, dtype=torch.uint8, device=self.device) for _ in range(self.world_size)]
-        self._call(stats, round_idx, "key exchange", dist.all_gather, publics, public.to(self.device))
+        publics = self._call(stats, round_idx, "key exchange", self._all_gather, public.to(self.device))
         encoded = encode(flat)
         if keys is not None:
             pair_keys = {
@@ -183,7 +207,7 @@ class SiteComm:
             }
             encoded = mask(encoded, self.rank, pair_keys, round_idx)
         encoded = encoded.to(self.device)
-        self._call(stats, round_idx, "masked all-reduce", dist.all_reduce, encoded, op=dist.ReduceOp.SUM)
+        self._call(stats, round_idx, "masked all-reduce", self._all_reduce, encoded)
         nbytes = encoded.numel() * encoded.element_size() + 32 * self.world_size + flags.numel() * 8
         stats.bytes_sent += nbytes
         stats.bytes_received += nbytes
@@ -195,7 +219,7 @@ class SiteComm:
         if not self.active:
             return local
         flags = torch.tensor([1.0 if s in local else 0.0 for s in sites], dtype=torch.float64, device=self.device)
-        dist.all_reduce(flags, op=dist.ReduceOp.SUM)
+        self._call(CommStats(), -1, "union of site flags", self._all_reduce, flags)
         return {s for s, flag in zip(sites, flags.tolist(), strict=True) if flag > 0}
 
     def merged_metrics(self, local: Mapping[str, float], keys: Sequence[str]) -> dict[str, float]:
@@ -211,7 +235,7 @@ class SiteComm:
             present = value is not None and math.isfinite(value)
             pairs += [float(value) if present else 0.0, 1.0 if present else 0.0]  # type: ignore[arg-type]
         flat = torch.tensor(pairs, dtype=torch.float64, device=self.device)
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        self._call(CommStats(), -1, "merge of round metrics", self._all_reduce, flat)
         for i, key in enumerate(keys):
             total, count = float(flat[2 * i]), float(flat[2 * i + 1])
             if count > 0:
@@ -236,15 +260,14 @@ class SiteComm:
         if not self.active:
             return [(i, w, dict(s)) for i, w, s in rows]
         count = torch.tensor([float(len(rows))], dtype=torch.float64, device=self.device)
-        self._call(stats, round_idx, "count of site states", dist.all_reduce, count, op=dist.ReduceOp.MAX)
+        self._call(stats, round_idx, "count of site states", self._all_reduce, count, "max")
         most = int(count.item())
         size = sum(v.numel() for v in reference.values()) + 2
         buffer = torch.zeros(most, size, dtype=torch.float64)
         for row, (index, weight, state) in enumerate(rows):  # [state..., site index, weight]
             buffer[row] = flatten_state({k: state[k] for k in reference}, float(index), float(weight))
         buffer = buffer.to(self.device)
-        gathered = [torch.empty_like(buffer) for _ in range(self.world_size)]
-        self._call(stats, round_idx, "all-gather of site states", dist.all_gather, gathered, buffer)
+        gathered = self._call(stats, round_idx, "all-gather of site states", self._all_gather, buffer)
         nbytes = buffer.numel() * buffer.element_size()
         stats.bytes_sent += nbytes * (self.world_size - 1)
         stats.bytes_received += nbytes * (self.world_size - 1)
@@ -257,14 +280,57 @@ class SiteComm:
 
     def broadcast_text(self, text: str | None, src: int = 0) -> str | None:
         """Send a short string (a checkpoint path, a version) from ``src`` as a byte tensor, never pickled."""
+        if not self.active:
+            return text
         data = b"" if text is None else text.encode()
         header = torch.tensor([len(data), 0 if text is None else 1], dtype=torch.int64, device=self.device)
-        dist.broadcast(header, src=src)
+        self._call(CommStats(), -1, "broadcast of a text's length", self._broadcast, header, src)
         buffer = torch.zeros(int(header[0]), dtype=torch.uint8, device=self.device)
         if self.rank == src:
             buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device) if data else buffer
         if buffer.numel():
-            dist.broadcast(buffer, src=src)
+            self._call(CommStats(), -1, "broadcast of a text", self._broadcast, buffer, src)
         if not int(header[1]):
             return None
         return bytes(buffer.cpu().tolist()).decode()
+
+
+class LocalTransport(Transport):
+    """Every site in this one process (the simulation): nothing crosses a process boundary."""
+
+    def __init__(self, placement: Mapping[str, int], device: torch.device | None = None) -> None:
+        super().__init__(placement, rank=0, world_size=1, timeout=None, device=device or torch.device("cpu"))
+
+
+class DistributedTransport(Transport):
+    """Sites on the processes of torch.distributed's default process group (gloo or NCCL).
+
+    Plain TCP with no encryption or authentication: for one trusted network (a cluster, a VPN).
+    """
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1 and dist.is_available() and dist.is_initialized()
+
+    def _all_reduce(self, flat: Tensor, op: str = "sum") -> None:
+        dist.all_reduce(flat, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+
+    def _broadcast(self, flat: Tensor, src: int) -> None:
+        dist.broadcast(flat, src=src)
+
+    def _all_gather(self, flat: Tensor) -> list[Tensor]:
+        out = [torch.empty_like(flat) for _ in range(self.world_size)]
+        dist.all_gather(out, flat)
+        return out
+
+    def unresponsive_sites(self) -> str:
+        """Name the sites of the processes that do not answer (gloo's monitored barrier)."""
+        others = {s: r for s, r in self.placement.items() if r != self.rank}
+        try:
+            dist.monitored_barrier(timeout=timedelta(seconds=5), wait_all_ranks=True)
+        except Exception as err:
+            match = re.search(r"[Rr]anks? ([\d, ]+) failed", str(err))
+            if match:
+                ranks = {int(r) for r in re.findall(r"\d+", match.group(1))}
+                return str(sorted(s for s, r in others.items() if r in ranks))
+        return super().unresponsive_sites()
