@@ -105,11 +105,14 @@ class FederationCheckpoint:
 
     def save(self, checkpoint: dict[str, Any], filepath: str | os.PathLike[str]) -> None:
         """Add the federation part to ``checkpoint``; write this process's shards beside ``filepath``."""
-        if self.engine.in_round:
-            rnd = self.engine.round
+        rnd = self.engine.round
+        if rnd is not None:  # training (one site's weights) or validating (the round not yet closed)
+            held = (
+                "the round's new global weights before the round closed" if rnd.finished else "one site's local weights"
+            )
             raise RuntimeError(
-                f"A checkpoint was requested inside round {rnd.index if rnd else '?'}, while the module holds one"
-                " site's local weights; resuming from it would take them for the global model. Federated"
+                f"A checkpoint was requested inside round {rnd.index}, while the module holds {held};"
+                " resuming from it would not continue the federation where it stopped. Federated"
                 " checkpoints are taken at round ends. HINT: `ModelCheckpoint(every_n_epochs=...)`; under SLURM,"
                 " `SLURMEnvironment(auto_requeue=False)` and resume from `last.ckpt`."
             )

@@ -30,11 +30,10 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_fedseg.federation.aggregate import (
     IntegerPolicy,
@@ -48,50 +47,13 @@ from lightning_fedseg.federation.client_steps import ClientStep
 from lightning_fedseg.federation.faults import FaultInjector, FaultKind
 from lightning_fedseg.federation.flat import load_by_copy, loads_by_copy
 from lightning_fedseg.federation.modes import Aggregation, CollaborationMode, derive_seed, seed_torch
-from lightning_fedseg.federation.rounds import IDLE, Round, RoundFailedError, site_batch_limit
+from lightning_fedseg.federation.rounds import IDLE, Round, RoundFailedError, RoundHost, RoundOutcome
 from lightning_fedseg.federation.server import ServerStep
+from lightning_fedseg.federation.site_loaders import SiteLoaders
 from lightning_fedseg.federation.site_state import SiteStates
 from lightning_fedseg.federation.transport import Transport
 
 __all__ = ["RoundEngine", "RoundHost", "RoundOutcome"]
-
-
-class RoundHost(Protocol):
-    """What the training framework does for the engine (Lightning's strategy is one host)."""
-
-    @property
-    def module(self) -> nn.Module:
-        """The live module being trained."""
-        ...
-
-    @property
-    def device(self) -> torch.device:
-        """Where the module lives."""
-        ...
-
-    def site_train_dataloader(self, site: str) -> Any:
-        """The training loader of one of this process's sites."""
-        ...
-
-    def site_weight(self, site: str, loader: Any) -> float:
-        """The site's FedAvg weight (its number of training samples)."""
-        ...
-
-    def call_site_hook(self, name: str, site: str, round_idx: int) -> None:
-        """``on_site_start`` / ``on_site_end`` of the callbacks that define them."""
-        ...
-
-
-@dataclass(frozen=True)
-class RoundOutcome:
-    """What closing a round tells the host: the round's record, the mode's weights to load (IIL's
-    best), whether to stop, and why."""
-
-    record: dict[str, Any]
-    weights: Mapping[str, Tensor] | None
-    stop: bool
-    stop_reason: str | None
-    metrics: dict[str, float]  # the server and client steps' figures of the round
 
 
 class RoundEngine:
@@ -142,13 +104,12 @@ class RoundEngine:
         self.seed = seed
         self.faults = faults if faults is not None else FaultInjector(None)
         self.min_sites = min_sites
-        self.batch_limit = batch_limit
+        self.loaders = SiteLoaders(host.site_train_dataloader, seed, batch_limit)
         self.clients = ClientRunner(clients, site_states, lambda: host.module, transport, self.sites)
         self.aggregator = server.aggregator(integer_policy, masking, self.sites)
         self.round: Round | None = None
         self.completed_rounds = 0
         self.history: list[dict[str, Any]] = []
-        self._loaders: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -167,29 +128,9 @@ class RoundEngine:
         return self.sites.index(site) if site in self.sites else len(self.sites)
 
     # ------------------------------------------------------------------ data
-    def site_loader(self, site: str) -> Any:
-        if site not in self._loaders:
-            self._loaders[site] = self.host.site_train_dataloader(site)
-        return self._loaders[site]
-
-    def clear_loaders(self) -> None:
-        """Forget the sites' loaders: each is requested again before its next use."""
-        self._loaders.clear()
-
     def clear(self) -> None:
-        self._loaders.clear()
+        self.loaders.clear()
         self.round = None
-
-    def seed_loader(self, loader: Any, round_idx: int, task_idx: int, epoch: int) -> None:
-        """Seed shuffling from (seed, round, site, epoch) instead of the global RNG."""
-        from torch.utils.data import RandomSampler
-
-        seed = derive_seed(self.seed, round_idx, self._site_index(task_idx), epoch, 1)
-        if hasattr(loader, "generator"):
-            loader.generator = torch.Generator().manual_seed(seed)
-        sampler = getattr(loader, "sampler", None)
-        if isinstance(sampler, RandomSampler):
-            sampler.generator = torch.Generator().manual_seed(seed + 1)
 
     def _site_index(self, task_idx: int) -> int:
         assert self.round is not None
@@ -199,18 +140,8 @@ class RoundEngine:
         """Training batches this process will see in the coming (or current) round."""
         rnd = self.round
         plan = rnd.plan if rnd is not None and not rnd.finished else self.mode.plan(self.completed_rounds)
-        total = 0
-        for task in plan.tasks:
-            if self.placement.get(task.site, 0) != self.transport.rank:
-                continue
-            loader = self.site_loader(task.site)
-            try:
-                count = len(loader)
-            except TypeError:
-                return None
-            limit = site_batch_limit(self.batch_limit, loader, task.site)
-            total += (count if limit is None else min(count, limit)) * task.epochs
-        return max(total, 1)
+        rank = self.transport.rank
+        return self.loaders.count_batches(t for t in plan.tasks if self.placement.get(t.site, 0) == rank)
 
     # ------------------------------------------------------------------ batches
     def start_round(self) -> Round:
@@ -348,7 +279,7 @@ class RoundEngine:
         if rnd.plan.aggregation is not Aggregation.MEAN:
             check_finite(state, site)  # chained modes hand the weights on; nothing to file
             return
-        weight = self.host.site_weight(site, self.site_loader(site))
+        weight = self.host.site_weight(site, self.loaders.get(site))
         self.aggregator.add(site, self.site_index(site), state, weight)
 
     def sync_chain(self, rnd: Round, upto: int) -> None:

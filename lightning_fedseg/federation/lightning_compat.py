@@ -81,6 +81,8 @@ def check_lightning() -> None:
         (ModelCheckpoint, "_train_time_interval"),
         (ParallelStrategy, "_layer_sync"),
         (_AcceleratorConnector, "use_distributed_sampler"),
+        (DDPStrategy, "_timeout"),
+        (DDPStrategy, "_launcher"),
     )
     for owner, attr in instance_attrs:
         if not re.search(rf"self\.{attr}\s*[:=]", _source(owner)):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +20,11 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import RunningStage
+from torch import nn
 from typing_extensions import override
 
-from lightning_fedseg.federation.transport import DistributedTransport, LocalTransport, Transport
+from lightning_fedseg.federation.placement import assign_sites
+from lightning_fedseg.federation.transport import CommStats, DistributedTransport, LocalTransport, Transport
 
 __all__ = ["FederatedProcesses"]
 
@@ -115,6 +117,27 @@ class FederatedProcesses(DDPStrategy):
         if not self.federated and self.is_multiprocess:
             return super()._setup_model(model)
         return model
+
+    def place_sites(self, sites: Sequence[str], datamodule: Any) -> dict[str, int]:
+        """Sites -> processes: all here in one process; on several, balanced by a size every process
+        knows without reading any site's data (``site_num_subjects``), and the DataModule told which
+        sites this process trains (``restrict_sites``)."""
+        if not self.is_multiprocess:
+            return dict.fromkeys(sites, 0)
+        sizer = getattr(datamodule, "site_num_subjects", None)
+        sizes = {s: float(sizer(s)) if sizer is not None else 1.0 for s in sites}
+        placement = assign_sites(sites, sizes, self.world_size)
+        if hasattr(datamodule, "restrict_sites"):
+            datamodule.restrict_sites(tuple(s for s in sites if placement[s] == self.federation_rank))
+        return placement
+
+    def sync_initial_weights(self, module: nn.Module, transport: Transport) -> None:
+        """Every site starts from rank 0's initial weights, as DDP would ensure."""
+        received, _ = transport.broadcast_state(
+            module.state_dict(), ok=True, src=0, stats=CommStats(), round_idx=-1, what="initial weights"
+        )
+        if received is not None:
+            module.load_state_dict(received)
 
     def make_transport(self, placement: Mapping[str, int]) -> Transport:
         """The transport of this fit: in-process for one process, torch.distributed for several."""

@@ -20,7 +20,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 if TYPE_CHECKING:
-    from lightning_fedseg.federation.engine import RoundEngine, RoundOutcome
+    from lightning_fedseg.federation.engine import RoundEngine
+    from lightning_fedseg.federation.rounds import RoundOutcome
 
 __all__ = ["RoundHooks"]
 

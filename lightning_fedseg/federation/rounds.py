@@ -1,4 +1,6 @@
-"""The pieces of one round: its state, the batch records, and the round's training 'dataloader'.
+"""The pieces of one round: its state, the batch records, the round's training 'dataloader', and
+the engine's two interfaces with its host: :class:`RoundHost` (what the training framework does
+for the engine) and :class:`RoundOutcome` (what closing a round tells it).
 
 One Trainer epoch is one round. The :class:`RoundIterable` walks the round's local site tasks and
 records, for every batch it yields, which task and which local batch it is (:class:`BatchRecord`);
@@ -7,13 +9,13 @@ the engine takes the records in the order Lightning uses the batches.
 
 from __future__ import annotations
 
-import math
 from collections import deque
-from collections.abc import Iterable, Iterator, Sized
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from lightning_fedseg.federation.modes import RoundPlan
 from lightning_fedseg.federation.transport import CommStats
@@ -21,7 +23,16 @@ from lightning_fedseg.federation.transport import CommStats
 if TYPE_CHECKING:
     from lightning_fedseg.federation.engine import RoundEngine
 
-__all__ = ["IDLE", "BatchRecord", "Round", "RoundFailedError", "RoundIterable", "site_batch_limit", "with_last"]
+__all__ = [
+    "IDLE",
+    "BatchRecord",
+    "Round",
+    "RoundFailedError",
+    "RoundHost",
+    "RoundIterable",
+    "RoundOutcome",
+    "with_last",
+]
 
 T = TypeVar("T")
 
@@ -73,29 +84,42 @@ class Round:
     task_started_at: float = 0.0
 
 
-def site_batch_limit(limit: int | float, loader: Any, site: str) -> int | None:
-    """The number of batches ``limit_train_batches`` allows a site per local epoch (``None``: all).
+class RoundHost(Protocol):
+    """What the training framework does for the engine (Lightning's strategy is one host)."""
 
-    Example:
-        >>> [site_batch_limit(limit, range(5), "a") for limit in (2, 0.5, 1.0)]
-        [2, 2, None]
-    """
-    if isinstance(limit, int):
-        return limit
-    if limit >= 1.0:
-        return None
-    if not isinstance(loader, Sized):
-        raise ValueError(
-            f"`limit_train_batches={limit}` is a fraction, but site {site!r}'s loader has no length."
-            " HINT: give an integer number of batches."
-        )
-    count = int(len(loader) * limit)
-    if count == 0 and limit > 0 and len(loader) > 0:
-        raise ValueError(
-            f"`limit_train_batches={limit}` leaves site {site!r} no batch of its {len(loader)}."
-            f" HINT: use at least {math.ceil(1 / len(loader) * 1000) / 1000}."
-        )
-    return count
+    @property
+    def module(self) -> nn.Module:
+        """The live module being trained."""
+        ...
+
+    @property
+    def device(self) -> torch.device:
+        """Where the module lives."""
+        ...
+
+    def site_train_dataloader(self, site: str) -> Any:
+        """The training loader of one of this process's sites."""
+        ...
+
+    def site_weight(self, site: str, loader: Any) -> float:
+        """The site's FedAvg weight (its number of training samples)."""
+        ...
+
+    def call_site_hook(self, name: str, site: str, round_idx: int) -> None:
+        """``on_site_start`` / ``on_site_end`` of the callbacks that define them."""
+        ...
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """What closing a round tells the host: the round's record, the mode's weights to load (IIL's
+    best), whether to stop, and why."""
+
+    record: dict[str, Any]
+    weights: Mapping[str, Tensor] | None
+    stop: bool
+    stop_reason: str | None
+    metrics: dict[str, float]  # the server and client steps' figures of the round
 
 
 def with_last(items: Iterable[T], limit: int | None = None) -> Iterator[tuple[T, bool]]:
@@ -136,10 +160,10 @@ class RoundIterable:
         yielded = False
         for task_idx in rnd.local_tasks:
             task = rnd.plan.tasks[task_idx]
-            loader = engine.site_loader(task.site)
-            limit = site_batch_limit(engine.batch_limit, loader, task.site)
+            loader = engine.loaders.get(task.site)
+            limit = engine.loaders.limit(loader, task.site)
             for epoch in range(task.epochs):
-                engine.seed_loader(loader, rnd.index, task_idx, epoch)
+                engine.loaders.seed(loader, rnd.index, engine.site_index(task.site), epoch)
                 for index, (batch, last) in enumerate(with_last(loader, limit)):
                     if task_idx in rnd.failed:
                         break

@@ -28,7 +28,13 @@ if TYPE_CHECKING:
 
     from lightning_fedseg.federation.modes import CollaborationMode
 
-__all__ = ["UnsupportedFeatureError", "check_algorithms", "check_trainer"]
+__all__ = [
+    "UnsupportedFeatureError",
+    "check_algorithms",
+    "check_sync_batchnorm",
+    "check_trainer",
+    "check_training_step",
+]
 
 
 class UnsupportedFeatureError(MisconfigurationException):
@@ -87,6 +93,29 @@ def check_trainer(trainer: pl.Trainer, mode: CollaborationMode) -> None:
     if problems:
         raise UnsupportedFeatureError(
             "FederatedStrategy cannot keep the meaning of these settings:\n- " + "\n- ".join(problems)
+        )
+
+
+def check_sync_batchnorm(requested: bool) -> None:
+    """Refuse ``sync_batchnorm=True`` across a federation's processes."""
+    if requested:
+        raise UnsupportedFeatureError(
+            "FederatedStrategy cannot keep the meaning of `sync_batchnorm=True`: it would synchronize"
+            " BatchNorm statistics between the processes' sites inside a round, which trains them"
+            " together. HINT: leave it off; the round's aggregate already combines the sites' statistics,"
+            " and `FedBN` keeps them per site."
+        )
+
+
+def check_training_step(module: Any) -> None:
+    """Refuse a ``training_step(self, dataloader_iter)``: the strategy must see each batch begin."""
+    from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
+
+    if is_param_in_hook_signature(module.training_step, "dataloader_iter", explicit=True):
+        raise UnsupportedFeatureError(
+            "FederatedStrategy cannot train a `training_step(self, dataloader_iter)`: the step pulls batches"
+            " itself, so the strategy never sees a batch begin and cannot switch sites between them."
+            " HINT: take `batch` (and `batch_idx`) instead."
         )
 
 

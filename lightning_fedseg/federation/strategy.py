@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -25,7 +25,6 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from typing_extensions import override
 
 from lightning_fedseg._validation import check_int
@@ -36,31 +35,20 @@ from lightning_fedseg.federation.client_steps import ClientStep
 from lightning_fedseg.federation.engine import RoundEngine
 from lightning_fedseg.federation.faults import FaultInjector
 from lightning_fedseg.federation.modes import CDS, CollaborationMode, FedAvg
-from lightning_fedseg.federation.placement import assign_sites
 from lightning_fedseg.federation.processes import FederatedProcesses
 from lightning_fedseg.federation.round_hooks import RoundHooks
 from lightning_fedseg.federation.rounds import RoundFailedError, RoundIterable
-from lightning_fedseg.federation.semantics import UnsupportedFeatureError, check_algorithms, check_trainer
+from lightning_fedseg.federation.semantics import (
+    check_algorithms,
+    check_sync_batchnorm,
+    check_trainer,
+    check_training_step,
+)
 from lightning_fedseg.federation.server import FedAvgStep, ServerStep, parameter_keys
+from lightning_fedseg.federation.site_data import SiteDataModule, site_datamodule, site_num_samples
 from lightning_fedseg.federation.site_state import SiteStates
-from lightning_fedseg.federation.transport import CommStats
 
 __all__ = ["FederatedStrategy", "OptimizerStatePolicy", "RoundFailedError", "SiteDataModule"]
-
-
-@runtime_checkable
-class SiteDataModule(Protocol):
-    """What a DataModule offers so that the strategy can train sites one at a time.
-
-    ``train_dataloader()`` (the pooled data) is used by the ``cds`` mode only. Optional:
-    ``site_num_samples(site) -> int`` (the FedAvg weight; default ``len(loader.dataset)``) and
-    ``restrict_sites(sites)`` (on torch.distributed, called with the sites of this rank before
-    any dataloader is requested, so that a rank never materializes another site's samples).
-    """
-
-    site_names: Sequence[str]
-
-    def site_train_dataloader(self, site: str) -> Any: ...
 
 
 class OptimizerStatePolicy:
@@ -200,13 +188,8 @@ class FederatedStrategy(FederatedProcesses):
     def setup(self, trainer: pl.Trainer) -> None:
         compat.check_lightning()
         if self.is_multiprocess:
-            if self.federated and compat.sync_batchnorm_requested(self):
-                raise UnsupportedFeatureError(
-                    "FederatedStrategy cannot keep the meaning of `sync_batchnorm=True`: it would synchronize"
-                    " BatchNorm statistics between the processes' sites inside a round, which trains them"
-                    " together. HINT: leave it off; the round's aggregate already combines the sites' statistics,"
-                    " and `FedBN` keeps them per site."
-                )
+            if self.federated:
+                check_sync_batchnorm(compat.sync_batchnorm_requested(self))
             super().setup(trainer)
         else:  # one process: the single-device path (no process group; `sync_batchnorm` has no effect)
             Strategy.setup(self, trainer)
@@ -214,12 +197,7 @@ class FederatedStrategy(FederatedProcesses):
             return
         if self.federated:
             check_trainer(trainer, self.mode)
-            if is_param_in_hook_signature(self.module.training_step, "dataloader_iter", explicit=True):
-                raise UnsupportedFeatureError(
-                    "FederatedStrategy cannot train a `training_step(self, dataloader_iter)`: the step pulls batches"
-                    " itself, so the strategy never sees a batch begin and cannot switch sites between them."
-                    " HINT: take `batch` (and `batch_idx`) instead."
-                )
+            check_training_step(self.module)
             check_algorithms(self.mode, self.server, self.clients, self.module, self.masking)
             keep = self.optimizer_state_policy == OptimizerStatePolicy.KEEP or not self.mode.resets_each_round
             self.site_states = SiteStates(self.optimizers, self.lr_scheduler_configs, keep=keep)
@@ -234,20 +212,10 @@ class FederatedStrategy(FederatedProcesses):
         if self.federated:
             compat.patch_accumulation(trainer, self.engine.local_batch)
         if self.is_multiprocess and self.federated:
-            self._sync_initial_weights()
+            self.sync_initial_weights(self.module, self.engine.transport)
             # A rank evaluates only its own sites: its loaders for other sites are empty.
             self.module.allow_zero_length_dataloader_with_multiple_devices = True
             compat.skip_per_batch_sigterm_broadcast(trainer)
-
-    def _sync_initial_weights(self) -> None:
-        """Every site starts from rank 0's initial weights, as DDP would ensure."""
-        assert self.engine is not None
-        transport = self.engine.transport
-        received, _ = transport.broadcast_state(
-            self.module.state_dict(), ok=True, src=0, stats=CommStats(), round_idx=-1, what="initial weights"
-        )
-        if received is not None:
-            self.module.load_state_dict(received)
 
     # ------------------------------------------------------------------ sites and data
     @property
@@ -257,14 +225,7 @@ class FederatedStrategy(FederatedProcesses):
 
     def datamodule(self) -> Any:
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
-        datamodule = getattr(trainer, "datamodule", None)
-        if datamodule is None or not isinstance(datamodule, SiteDataModule):
-            raise TypeError(
-                "FederatedStrategy needs a DataModule with `site_names` and"
-                " `site_train_dataloader(site)`, passed as `trainer.fit(model, datamodule=...)`;"
-                f" got {type(datamodule).__name__}. HINT: see `SiteDataModule` in the README."
-            )
-        return datamodule
+        return site_datamodule(trainer)
 
     def ensure_ready(self) -> None:
         """Place the sites and build the fit's engine, transport and checkpoint part (once per fit)."""
@@ -282,15 +243,7 @@ class FederatedStrategy(FederatedProcesses):
             self.server.setup_federation(len(sites), float(getattr(self.mode, "fraction", 1.0)), per_round)
             for step in self.clients:
                 step.setup(self.module, sites)
-        if self.is_multiprocess and self.federated:
-            # Place sites by a size every process knows without reading any site's data.
-            sizer = getattr(datamodule, "site_num_subjects", None)
-            sizes = {s: float(sizer(s)) if sizer is not None else 1.0 for s in sites}
-            self.placement = assign_sites(sites, sizes, self.world_size)
-            if hasattr(datamodule, "restrict_sites"):
-                datamodule.restrict_sites(self.local_sites)
-        else:
-            self.placement = dict.fromkeys(sites, 0)
+        self.placement = self.place_sites(sites, datamodule) if self.federated else dict.fromkeys(sites, 0)
         transport = self.make_transport(self.placement)
         self._transport = transport
         self.engine = RoundEngine(
@@ -342,17 +295,7 @@ class FederatedStrategy(FederatedProcesses):
         return self.datamodule().site_train_dataloader(site)
 
     def site_weight(self, site: str, loader: Any = None) -> float:
-        datamodule = self.datamodule()
-        if hasattr(datamodule, "site_num_samples"):
-            return float(datamodule.site_num_samples(site))
-        dataset = getattr(loader, "dataset", None)
-        try:
-            return float(len(dataset))  # type: ignore[arg-type]
-        except TypeError:
-            raise TypeError(
-                f"Cannot tell how many samples site {site!r} has: its loader's dataset has no length."
-                " HINT: implement `site_num_samples(site)` on the DataModule."
-            ) from None
+        return site_num_samples(self.datamodule(), site, loader)
 
     def call_site_hook(self, name: str, site: str, round_idx: int) -> None:
         """Call ``on_site_start`` / ``on_site_end(trainer, pl_module, site, round_idx)`` on the
@@ -371,7 +314,7 @@ class FederatedStrategy(FederatedProcesses):
         if trainer is None or not trainer.training or not self.federated or self.engine is None:
             return dataloader
         # Lightning asks again every `reload_dataloaders_every_n_epochs`: so does each site.
-        self.engine.clear_loaders()
+        self.engine.loaders.clear()
         return RoundIterable(self.engine)
 
     @override

@@ -213,6 +213,6 @@ def test_loaders_are_requested_once_until_cleared():
     run_round(engine)
     run_round(engine)
     assert sorted(host.requested) == sorted(SITES)
-    engine.clear_loaders()
+    engine.loaders.clear()
     run_round(engine)
     assert sorted(host.requested) == sorted(SITES * 2)

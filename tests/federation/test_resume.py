@@ -58,3 +58,19 @@ def test_resumed_fit_equals_the_uninterrupted_one(tmp_path, mode, every_n, stopp
     assert [r["sites"] for r in strategy.history] == [r["sites"] for r in full_strategy.history]
     assert states_equal(resumed.state_dict(), full.state_dict())
     assert strategy.server.state_dict().keys() == full_strategy.server.state_dict().keys()
+
+
+def test_a_checkpoint_during_a_rounds_validation_is_refused(tmp_path):
+    """Between the round's server step and its close (mode decision, counter), nothing is consistent to save."""
+    from lightning.pytorch.callbacks import Callback
+
+    class SaveWhileValidating(Callback):
+        def on_validation_batch_end(self, trainer, *args, **kwargs):
+            trainer.save_checkpoint(tmp_path / "during.ckpt")
+
+    pl.seed_everything(0)
+    strategy = FederatedStrategy(FedAvg(), server=FedAdam(server_lr=0.05))
+    trainer = pl.Trainer(strategy=strategy, callbacks=[SaveWhileValidating()], **trainer_kwargs(tmp_path, max_epochs=1))
+    with pytest.raises(RuntimeError, match="inside round 0, while the module holds the round's new global weights"):
+        trainer.fit(ToyClassifier(), datamodule=ToyDataModule(**THREE))
+    assert not (tmp_path / "during.ckpt").exists()
