@@ -104,7 +104,8 @@ FEATURES: dict[str, tuple[Meaning, str]] = {
     "BasePredictionWriter": (_PLAIN, "prediction is not federated"),
     "BatchSizeFinder": (
         _NO,
-        "(and `Tuner.scale_batch_size`): its trials stop inside a round. Tune on one site's data with a plain Trainer",
+        "its trials (and `Tuner.scale_batch_size`'s) would stop inside a round; Lightning itself refuses it with"
+        " DDP-based strategies. Tune on one site's data with a plain Trainer",
     ),
     "Callback": (_PLAIN, "each hook sees the site's own weights from a site's first batch on"),
     "Checkpoint": (_PLAIN, "as `ModelCheckpoint`"),
@@ -114,7 +115,7 @@ FEATURES: dict[str, tuple[Meaning, str]] = {
     "LambdaCallback": (_PLAIN, ""),
     "LearningRateFinder": (
         _NO,
-        "(and `Tuner.lr_find`): its trials stop inside a round. Tune on one site's data with a plain Trainer",
+        "its trials (and `Tuner.lr_find`'s) would stop inside a round. Tune on one site's data with a plain Trainer",
     ),
     "LearningRateMonitor": (_PLAIN, "the round's learning rate (step schedules: the site's)"),
     "ModelCheckpoint": (
@@ -143,7 +144,7 @@ FEATURES: dict[str, tuple[Meaning, str]] = {
     "EMAWeightAveraging": (_NO, "as `WeightAveraging` (Lightning 2.6)"),
     "WeightAveraging": (
         _NO,
-        "(Lightning 2.6): it averages weights after optimizer steps, i.e. one site's local weights",
+        "it averages the weights after optimizer steps, i.e. one site's local weights (Lightning 2.6)",
     ),
 }
 
