@@ -177,7 +177,10 @@ def geometric_median(
         [0.5, 0.5]
     """
     n = updates.shape[0]
-    alpha = torch.full((n,), 1.0 / n, dtype=torch.float64) if weights is None else weights.double() / weights.sum()
+    if weights is None:
+        alpha = torch.full((n,), 1.0 / n, dtype=torch.float64, device=updates.device)
+    else:
+        alpha = weights.to(device=updates.device, dtype=torch.float64) / weights.sum()
     v = (alpha.unsqueeze(1) * updates).sum(dim=0)
     for iteration in range(1, max_iterations + 1):
         beta = alpha / _norms(updates - v).clamp_min(nu)
@@ -195,7 +198,7 @@ def bucket_means(updates: Tensor, bucket_size: int, generator: torch.Generator) 
         >>> sorted(len(b) for b in buckets), means.sum().item() == sum(means[i].item() for i in range(2))
         ([1, 2], True)
     """
-    order = torch.randperm(updates.shape[0], generator=generator).tolist()
+    order = torch.randperm(updates.shape[0], generator=generator).tolist()  # on the CPU: the same everywhere
     buckets = [order[i : i + bucket_size] for i in range(0, len(order), bucket_size)]
     return torch.stack([updates[b].mean(dim=0) for b in buckets]), buckets
 
@@ -245,6 +248,8 @@ def _check_radius(name: str, value: float) -> float:
 class NormBounding(UpdateRule):
     """Each update clipped to ``max_norm``, then the unweighted mean (Sun et al. 2019).
 
+    Metrics: the fraction of sites clipped and the median update norm (to choose ``max_norm``).
+
     Example:
         >>> sites = [{"w": torch.tensor([v, 0.0])} for v in (1.0, 2.0, 40.0)]
         >>> NormBounding(max_norm=2.0).step_from_sites({"w": torch.zeros(2)}, sites, [1, 1, 1], round_idx=0)
@@ -254,14 +259,16 @@ class NormBounding(UpdateRule):
     def __init__(self, max_norm: float) -> None:
         super().__init__()
         self.max_norm = _check_radius("max_norm", max_norm)
-        self.clipped = 0.0
+        self.clipped = self.median_norm = 0.0
 
     def aggregate(self, updates: Tensor, weights: Tensor) -> Tensor:
-        self.clipped = float((_norms(updates) > self.max_norm).double().mean())
+        norms = _norms(updates)
+        self.clipped = float((norms > self.max_norm).double().mean())
+        self.median_norm = float(norms.median())
         return norm_bound(updates, self.max_norm)
 
     def metrics(self) -> dict[str, float]:
-        return {"norm_bounding/clipped_fraction": self.clipped}
+        return {"norm_bounding/clipped_fraction": self.clipped, "norm_bounding/median_norm": self.median_norm}
 
     def __repr__(self) -> str:
         return f"NormBounding(max_norm={self.max_norm})"
@@ -271,7 +278,8 @@ class CenteredClipping(UpdateRule):
     """Centered clipping around the last round's aggregate update (Karimireddy et al., ICML 2021).
 
     The centre starts at zero and is the aggregate update of the last round after that; it is in
-    :meth:`state_dict`, so a resumed run continues exactly.
+    :meth:`state_dict`, so a resumed run continues exactly. Metrics: the fraction of sites clipped
+    and the median distance of the updates to the centre (to choose ``radius``).
 
     Args:
         radius: ``tau``, the clipping radius (``inf``: the plain mean).
@@ -289,20 +297,25 @@ class CenteredClipping(UpdateRule):
         self.radius = _check_radius("radius", radius)
         self.iterations = check_int("iterations", iterations)
         self.center: Tensor | None = None
-        self.clipped = 0.0
+        self.clipped = self.median_norm = 0.0
 
     def aggregate(self, updates: Tensor, weights: Tensor) -> Tensor:
-        center = torch.zeros(updates.shape[1], dtype=torch.float64) if self.center is None else self.center
+        if self.center is None:
+            center = torch.zeros(updates.shape[1], dtype=torch.float64, device=updates.device)
+        else:
+            center = self.center.to(updates.device)
         if center.shape[0] != updates.shape[1]:
             raise ValueError(
                 f"The stored centre has {center.shape[0]} values, but the updates have {updates.shape[1]}."
             )
-        self.clipped = float((_norms(updates - center) > self.radius).double().mean())
+        norms = _norms(updates - center)
+        self.clipped = float((norms > self.radius).double().mean())
+        self.median_norm = float(norms.median())
         self.center = centered_clip(updates, center, self.radius, self.iterations)
         return self.center
 
     def metrics(self) -> dict[str, float]:
-        return {"centered_clipping/clipped_fraction": self.clipped}
+        return {"centered_clipping/clipped_fraction": self.clipped, "centered_clipping/median_norm": self.median_norm}
 
     def state_dict(self) -> dict[str, Any]:
         return {} if self.center is None else {"center": self.center.clone()}
