@@ -39,6 +39,7 @@ import json
 import math
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -333,8 +334,8 @@ def tables(preset: Preset, results: Sequence[dict[str, Any]], chosen: dict[tuple
             "Held-out Dice of the last round's global model, mean over seeds (seeds in brackets where fewer than"
             f" {len(preset.seeds)}).",
             "",
-            "| rule | " + " | ".join(preset.attacks) + " | worst case | benign cost | s/round | peak MB |",
-            "|---|" + "---:|" * (len(preset.attacks) + 4),
+            "| rule | " + " | ".join(preset.attacks) + " | worst case | benign cost | s/round |",
+            "|---|" + "---:|" * (len(preset.attacks) + 3),
         ]
         fedavg_clean = {r["seed"]: r["heldout"] for r in runs if (r["rule"], r["attack"]) == ("fedavg", "none")}
         for rule in RULES:
@@ -355,7 +356,7 @@ def tables(preset: Preset, results: Sequence[dict[str, Any]], chosen: dict[tuple
             label = LABELS[rule] + ("" if scale is None else f" = {scale:g} x norm")
             lines.append(
                 f"| {label} | " + " | ".join(cells) + f" | {worst:.3f} | {cost:+.3f} |"
-                f" {_mean([r['seconds_per_round'] for r in mine]):.1f} | {max(r['peak_rss_mb'] for r in mine):.0f} |"
+                f" {_mean([r['seconds_per_round'] for r in mine]):.1f} |"
             )
             selected = [h.get("byzantine/selected") for r in mine for h in r["history"]]
             numbers.setdefault(f"{split}-f{f}", {})[rule] = {
@@ -369,14 +370,88 @@ def tables(preset: Preset, results: Sequence[dict[str, Any]], chosen: dict[tuple
     return "\n".join(lines), numbers
 
 
+def aggregation_child(rule: str, n: int, model: str, device: str) -> dict[str, Any]:
+    """One rule's aggregation of ``n`` site states shaped like the ``model`` U-Net: seconds (median of
+    3) and the peak memory above what holding the states takes (resident set, or CUDA allocations)."""
+    quiet()
+    set_threads(1)
+    template = BrainTumorSegmentation(**model_kwargs(model, in_channels=1, compute_hd95=False)).state_dict()
+    gen = torch.Generator().manual_seed(0)
+    states = [
+        {k: (v + 0.01 * torch.randn(v.shape, generator=gen)).to(device) if v.is_floating_point() else v.to(device)
+         for k, v in template.items()}
+        for _ in range(n)
+    ]  # fmt: skip
+    global_state = {k: v.to(device) for k, v in template.items()}
+    step = ByzantineServer(make_rule(rule, n, max(1, n // 10), 1.0), None, num_byzantine=0)
+    step.setup([k for k, v in template.items() if v.is_floating_point()])
+    step.setup_federation(n, 1.0, n)
+    names = [str(i) for i in range(n)]
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    seconds = []
+    for round_idx in range(3):
+        started = time.perf_counter()
+        step.step_from_sites(global_state, states, [1.0] * n, round_idx, sites=names)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - started)
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    values = sum(v.numel() for v in template.values() if v.is_floating_point())
+    return {"rule": rule, "n": n, "model": model, "device": device, "values": values,
+            "seconds": statistics.median(seconds), "peak_extra_mb": max(0, peak - base) / 2**20}  # fmt: skip
+
+
+def aggregation(model: str, device: str, sizes: Sequence[int], out: Path) -> str:
+    """Each rule in its own process (so that its peak memory is its own); a table."""
+    rows = []
+    for n in sizes:
+        for rule in RULES:
+            path = out / f"{model}-{device.replace(':', '')}-n{n}-{rule}.json"
+            if not path.exists():
+                command = [sys.executable, __file__, "--aggregation-child", rule, str(n), model, device]
+                done = subprocess.run(command, capture_output=True, text=True, check=True)
+                path.write_text(done.stdout.strip().splitlines()[-1] + "\n")
+            rows.append(json.loads(path.read_text()))
+    lines = ["| rule | n | seconds per aggregation | peak memory above the states (MB) |", "|---|---:|---:|---:|"]
+    lines += [f"| {LABELS[r['rule']]} | {r['n']} | {r['seconds']:.3f} | {r['peak_extra_mb']:.0f} |" for r in rows]
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES))
     parser.add_argument("--report", action="store_true", help="only assemble the tables of finished runs")
+    parser.add_argument(
+        "--aggregation",
+        nargs=2,
+        metavar=("MODEL", "DEVICE"),
+        default=None,
+        help="time each rule's aggregation of states of configs/model/MODEL.yaml on DEVICE",
+    )
+    parser.add_argument("--sizes", nargs="+", type=int, default=[10, 32], help="site counts for --aggregation")
+    parser.add_argument("--aggregation-child", nargs=4, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     quiet()
+    if args.aggregation_child:
+        rule, n, model, device = args.aggregation_child
+        print(json.dumps(aggregation_child(rule, int(n), model, device)))
+        return {}
+    if args.aggregation:
+        model, device = args.aggregation
+        out = args.out or REPO_ROOT / "benchmarks" / "results" / "robustness-aggregation"
+        out.mkdir(parents=True, exist_ok=True)
+        text = aggregation(model, device, args.sizes, out)
+        (out / f"{model}-{device.replace(':', '')}.md").write_text(text + "\n")
+        print(text)
+        return {}
     preset = PRESETS[args.preset]
     out = args.out or REPO_ROOT / "benchmarks" / "results" / f"robustness-{preset.name}"
     folder = out / "runs"
