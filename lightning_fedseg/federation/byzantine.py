@@ -292,6 +292,11 @@ class ByzantineServer(_RobustStep):
         round_idx: int,
         sites: Sequence[str] = (),
     ) -> dict[str, Tensor]:
+        if len(sites) != len(site_states):
+            raise ValueError(
+                f"ByzantineServer needs the site of each state, but got {len(sites)} names for {len(site_states)}"
+                " states. HINT: it must be the outermost server step (the engine names the sites)."
+            )
         self._learn_sites(sites)
         byzantine = set(self.choice.names or self.byzantine)
         attacked = [i for i, s in enumerate(sites) if s in byzantine] if round_idx >= self.choice.from_round else []

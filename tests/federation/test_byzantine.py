@@ -106,6 +106,8 @@ def test_the_server_needs_every_site_to_draw_the_set():
     step.setup_federation(3, 1.0, 2)
     with pytest.raises(ValueError, match="HINT: name them in `byzantine_sites`"):
         step.step_from_sites(GLOBAL, STATES[:2], [1, 1], round_idx=0, sites=NAMES[:2])
+    with pytest.raises(ValueError, match="must be the outermost server step"):
+        ByzantineServer(FedAvgStep(), "sign_flip", byzantine_sites=["a"]).step_from_sites(GLOBAL, STATES, [1] * 3, 0)
     with pytest.raises(ValueError, match="`attack` to be None or one of"):
         ByzantineServer(FedAvgStep(), "fang")
     with pytest.raises(TypeError, match="`inner`"):
