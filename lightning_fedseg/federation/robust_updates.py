@@ -214,7 +214,9 @@ def nearest_neighbor_mix(updates: Tensor, num_byzantine: int) -> Tensor:
     keep = n - num_byzantine
     distances = torch.cdist(updates.unsqueeze(0), updates.unsqueeze(0)).squeeze(0)
     nearest = torch.argsort(distances, dim=1, stable=True)[:, :keep]
-    return updates[nearest].mean(dim=1)
+    # one (n, n) mixing matrix: indexing updates[nearest] would hold n * (n - f) updates at once
+    mixing = torch.zeros(n, n, dtype=updates.dtype, device=updates.device).scatter_(1, nearest, 1.0 / keep)
+    return mixing @ updates
 
 
 # ---------------------------------------------------------------------- server steps
