@@ -358,7 +358,7 @@ def tables(preset: Preset, results: Sequence[dict[str, Any]], chosen: dict[tuple
                 f"| {label} | " + " | ".join(cells) + f" | {worst:.3f} | {cost:+.3f} |"
                 f" {_mean([r['seconds_per_round'] for r in mine]):.1f} |"
             )
-            selected = [h.get("byzantine/selected") for r in mine for h in r["history"]]
+            selected = [h.get("byzantine/selected") for r in mine if r["attack"] != "none" for h in r["history"]]
             numbers.setdefault(f"{split}-f{f}", {})[rule] = {
                 "scale": scale,
                 "heldout": means,
