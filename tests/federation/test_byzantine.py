@@ -4,6 +4,7 @@ site-side attacks inside a real Trainer, and the same choice on two gloo process
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -198,3 +199,46 @@ def test_the_choice_is_the_same_on_two_gloo_processes(request):
     outputs = [proc.communicate(timeout=120)[0] for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], outputs
     assert outputs[0].strip() == outputs[1].strip() and outputs[0].startswith("chosen")
+
+
+def _launch(request, out: Path, world: int, *extra: str) -> dict:
+    """``tests/federation/dist_run.py`` on ``world`` processes (Lightning starts the other ranks);
+    the whole process group is stopped by its id when the test ends."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    env.pop("MASTER_PORT", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.federation.dist_run", "fedavg", str(world), str(out), *extra],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+    def stop() -> None:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    request.addfinalizer(stop)
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output[-3000:]
+    return torch.load(out, weights_only=False)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    "extra, masked",
+    [(("--attack", "scaling"), True), (("--server", "alie_median"), False)],
+    ids=["site_scaling_masked", "server_alie_median"],
+)
+def test_attacks_on_two_processes_equal_the_simulation(request, tmp_path, extra, masked):
+    """A site-side attack under masked aggregation, and an omniscient one on the all-gathered states:
+    3 sites over 2 processes give the one-process simulation's weights."""
+    simulated = _launch(request, tmp_path / "sim.pt", 1, *extra)
+    distributed = _launch(request, tmp_path / "dist.pt", 2, *extra, *(("--masking",) if masked else ()))
+    for key, value in simulated["state"].items():
+        torch.testing.assert_close(distributed["state"][key], value, rtol=1e-5, atol=1e-5)
+    if not masked:
+        assert [h["byzantine/count"] for h in distributed["history"]] == [1.0] * len(distributed["history"])
