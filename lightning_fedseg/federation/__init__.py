@@ -24,16 +24,11 @@ from lightning_fedseg.federation.modes import (
     mode_from_name,
 )
 from lightning_fedseg.federation.placement import assign_sites
+from lightning_fedseg.federation.preaggregation import Bucketing, NearestNeighborMixing
 from lightning_fedseg.federation.privacy import DPFedAvg
 from lightning_fedseg.federation.registry import register_strategies
 from lightning_fedseg.federation.robust import CoordinateMedian, Krum, TrimmedMean
-from lightning_fedseg.federation.robust_updates import (
-    Bucketing,
-    CenteredClipping,
-    GeometricMedian,
-    NearestNeighborMixing,
-    NormBounding,
-)
+from lightning_fedseg.federation.robust_updates import CenteredClipping, GeometricMedian, NormBounding
 from lightning_fedseg.federation.semantics import UnsupportedFeatureError
 from lightning_fedseg.federation.server import FedAdagrad, FedAdam, FedAvgM, FedAvgStep, FedYogi, ServerStep
 from lightning_fedseg.federation.strategy import FederatedStrategy, RoundFailedError, SiteDataModule

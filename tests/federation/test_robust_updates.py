@@ -9,16 +9,14 @@ import pytest
 import torch
 
 from lightning_fedseg.federation.modes import derive_seed
+from lightning_fedseg.federation.preaggregation import Bucketing, NearestNeighborMixing, nearest_neighbor_mix
 from lightning_fedseg.federation.robust import CoordinateMedian, Krum
 from lightning_fedseg.federation.robust_updates import (
-    Bucketing,
     CenteredClipping,
     GeometricMedian,
-    NearestNeighborMixing,
     NormBounding,
     centered_clip,
     geometric_median,
-    nearest_neighbor_mix,
     stack_updates,
     states_from_updates,
 )

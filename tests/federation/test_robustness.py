@@ -11,8 +11,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 import tests.federation.test_algorithms as algorithms
 from lightning_fedseg import FedAvg, FederatedStrategy
 from lightning_fedseg.federation.byzantine import ByzantineServer, SiteAttack
+from lightning_fedseg.federation.preaggregation import Bucketing
 from lightning_fedseg.federation.robust import CoordinateMedian
-from lightning_fedseg.federation.robust_updates import Bucketing, CenteredClipping, GeometricMedian
+from lightning_fedseg.federation.robust_updates import CenteredClipping, GeometricMedian
 from tests.federation.toy import ToyClassifier, ToyDataModule, states_equal, trainer_kwargs
 
 SITES = tuple("abcde")
