@@ -101,9 +101,12 @@ def test_fit_then_test_from_the_fedavg_config(small_dataset, tmp_path, capsys):
     assert "test/dice" in capsys.readouterr().out
 
 
-# One of each kind (a server optimizer, a robust rule, client steps with and without site state);
+# One of each kind (a server optimizer, a robust rule, client steps with and without site state, a
+# robustness drill: an attack around bucketed centered clipping);
 # every config is resolved by `test_every_mode_config_resolves`.
-ALGORITHM_CONFIGS = [ROOT / "configs" / f"{name}.yaml" for name in ("fedadam", "krum", "scaffold", "fedbn")]
+ALGORITHM_CONFIGS = [
+    ROOT / "configs" / f"{name}.yaml" for name in ("fedadam", "krum", "scaffold", "fedbn", "under_attack")
+]
 
 
 @pytest.mark.slow
@@ -126,3 +129,6 @@ def test_every_algorithm_config_trains_a_round(config, small_dataset, tmp_path):
     ckpt = torch.load(last, weights_only=False)
     assert ckpt["federation"]["completed_rounds"] == 1
     assert ckpt["federation"]["history"][0]["succeeded"] == ["1", "2", "3"]
+    if config.stem == "under_attack":  # one institution drawn with the seed sent the attack, and is named
+        record = ckpt["federation"]["history"][0]
+        assert record["byzantine/count"] == 1.0 and sum(k.startswith("byzantine/site/") for k in record) == 1

@@ -273,13 +273,18 @@ class _RobustStep(ServerStep):
         round_idx: int,
         sites: Sequence[str] = (),
     ) -> dict[str, Tensor]:
+        self._check_sites(global_state, site_states, weights)
+        return self._aggregate(site_states)
+
+    @staticmethod
+    def _check_sites(global_state: State, site_states: Sequence[State], weights: Sequence[float]) -> None:
+        """One positive finite weight per state; states like the global state, finite."""
         if len(site_states) != len(weights):
             raise ValueError(f"Expected one weight per site state, but got {len(site_states)} and {len(weights)}.")
         for index, weight in enumerate(weights):
             if not (float(weight) > 0 and math.isfinite(float(weight))):
                 raise ValueError(f"Expected the weight of site #{index} to be positive and finite, got {weight}.")
         _check_states(site_states, reference=global_state)
-        return self._aggregate(site_states)
 
     def _aggregate(self, site_states: Sequence[State]) -> dict[str, Tensor]:
         raise NotImplementedError

@@ -16,7 +16,18 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_fedseg import CDS, CIIL, IIL, FedAvg, FederatedStrategy
-from lightning_fedseg.federation import SCAFFOLD, CoordinateMedian, DPFedAvg, FedAdam, FedBN, FedProx, Krum
+from lightning_fedseg.federation import (
+    SCAFFOLD,
+    ByzantineServer,
+    CoordinateMedian,
+    DPFedAvg,
+    FedAdam,
+    FedBN,
+    FedProx,
+    Krum,
+    SiteAttack,
+)
+from lightning_fedseg.federation.server import FedAvgStep
 from tests.federation.toy import ToyClassifier, ToyDataModule
 
 MODES = {
@@ -33,6 +44,10 @@ SERVERS = {
     "krum": lambda: Krum(0, multi=2),
     "dp": lambda: DPFedAvg(clip_norm=1.0, noise_multiplier=0.5),
     # adaptive clipping without noise: deterministic, so several processes must equal one
+    # one Byzantine site drawn with seed 3 sends ALIE against the median; "watched": FedAvg that only
+    # reports the Byzantine sites (beside a site-side --attack with the same draw)
+    "alie_median": lambda: ByzantineServer(CoordinateMedian(), "alie", z=1.5, num_byzantine=1, seed=3),
+    "watched": lambda: ByzantineServer(FedAvgStep(), None, num_byzantine=1, seed=3),
     "dp_adaptive": lambda: DPFedAvg(
         clip_norm=0.05, noise_multiplier=0.0, target_unclipped_quantile=0.5, count_stddev=0.0
     ),
@@ -85,6 +100,7 @@ def main() -> None:
     parser.add_argument("--server", choices=sorted(SERVERS), default=None)
     parser.add_argument("--client", choices=sorted(CLIENTS), nargs="*", default=())
     parser.add_argument("--masking", action="store_true")
+    parser.add_argument("--attack", default=None, help="a SiteAttack kind; one site drawn with seed 3")
     args = parser.parse_args()
     if args.forbid_object_collectives:
         forbid_object_collectives()
@@ -96,6 +112,8 @@ def main() -> None:
         callbacks.append(KillRank(args.kill_rank, args.kill_round))
     if args.ckpt_dir:
         callbacks.append(ModelCheckpoint(dirpath=args.ckpt_dir, save_last=True))
+    if args.attack:
+        callbacks.append(SiteAttack(args.attack, num_byzantine=1, seed=3, gamma=-2.0, std=0.1, target_key=1))
     trainer = pl.Trainer(
         accelerator=args.accelerator,
         devices=args.world,
