@@ -14,9 +14,9 @@ Two halves, configured alike (``byzantine_sites`` or ``num_byzantine`` with ``se
 Decisions:
 
 * **The Byzantine set** is a pure function of ``(seed, site names, f)`` (:func:`byzantine_sites`),
-  identical on every process; explicit names take precedence. The server step only sees a round's
-  sites, so it learns the federation's site list from the first round in which every site reports
-  (kept in its checkpoint state); a federation whose first round misses a site names the sites.
+  identical on every process; explicit names take precedence. The strategy names the federation's
+  sites at setup (``setup_federation(..., sites=...)``); a step used on its own learns them from the
+  first round in which every site reports (kept in its checkpoint state).
 * **Honest updates** for the omniscient attacks are those of the round's non-Byzantine sites; every
   Byzantine site of the round sends the same attack vector, as in the papers.
 * **Integer and boolean buffers** (``num_batches_tracked``) are never touched; float buffers (BatchNorm
@@ -265,13 +265,17 @@ class ByzantineServer(_RobustStep):
         super().setup(param_keys)
         self.inner.setup(param_keys)
 
-    def setup_federation(self, num_sites: int, sample_rate: float, sites_per_round: int) -> None:
+    def setup_federation(
+        self, num_sites: int, sample_rate: float, sites_per_round: int, sites: Sequence[str] = ()
+    ) -> None:
         self.num_sites = num_sites
         if not self.choice.names and self.choice.num_byzantine > num_sites:
             raise ValueError(
                 f"Expected `num_byzantine` to be at most the {num_sites} sites, but got {self.choice.num_byzantine}."
             )
-        self.inner.setup_federation(num_sites, sample_rate, sites_per_round)
+        self.inner.setup_federation(num_sites, sample_rate, sites_per_round, sites=sites)
+        if sites and not self.sites:  # the federation's sites are known: draw the Byzantine set now
+            self._learn_sites(sites)
 
     def _learn_sites(self, sites: Sequence[str]) -> None:
         if self.sites or self.choice.names:

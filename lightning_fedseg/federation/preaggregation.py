@@ -111,7 +111,9 @@ class Bucketing(_PreAggregator):
         self.bucket_size = check_int("bucket_size", bucket_size)
         self.seed = check_int("seed", seed, minimum=0)
 
-    def setup_federation(self, num_sites: int, sample_rate: float, sites_per_round: int) -> None:
+    def setup_federation(
+        self, num_sites: int, sample_rate: float, sites_per_round: int, sites: Sequence[str] = ()
+    ) -> None:
         buckets = math.ceil(sites_per_round / self.bucket_size)
         self.inner.setup_federation(math.ceil(num_sites / self.bucket_size), sample_rate, buckets)
 
@@ -155,9 +157,11 @@ class NearestNeighborMixing(_PreAggregator):
                 f" 2 * {self.num_byzantine} = {2 * self.num_byzantine} sites per round, but got {sites_per_round}."
             )
 
-    def setup_federation(self, num_sites: int, sample_rate: float, sites_per_round: int) -> None:
+    def setup_federation(
+        self, num_sites: int, sample_rate: float, sites_per_round: int, sites: Sequence[str] = ()
+    ) -> None:
         self._check(sites_per_round)
-        self.inner.setup_federation(num_sites, sample_rate, sites_per_round)
+        self.inner.setup_federation(num_sites, sample_rate, sites_per_round, sites=sites)
 
     def step_from_sites(
         self,

@@ -150,7 +150,9 @@ class DPFedAvg(ServerStep):
         if self.optimizer is not None:
             self.optimizer.setup(param_keys)
 
-    def setup_federation(self, num_sites: int, sample_rate: float, sites_per_round: int = 0) -> None:
+    def setup_federation(
+        self, num_sites: int, sample_rate: float, sites_per_round: int = 0, sites: Sequence[str] = ()
+    ) -> None:
         """The federation's size ``N`` and the site sampling rate ``q``."""
         self.num_sites, self.sample_rate = int(num_sites), float(sample_rate)
         if self.adaptive and self.noise_multiplier > 0 and not 2 * self.count_sigma > self.noise_multiplier:

@@ -349,7 +349,9 @@ class Krum(_RobustStep):
         self.multi = check_int("multi", multi)
         self.last_selected: list[int] = []
 
-    def setup_federation(self, num_sites: int, sample_rate: float, sites_per_round: int) -> None:
+    def setup_federation(
+        self, num_sites: int, sample_rate: float, sites_per_round: int, sites: Sequence[str] = ()
+    ) -> None:
         _check_krum(sites_per_round, self.num_byzantine, self.multi)
 
     def _aggregate(self, site_states: Sequence[State]) -> dict[str, Tensor]:

@@ -102,10 +102,12 @@ class ServerStep(ABC):
         """
         self.param_keys = frozenset(param_keys)
 
-    def setup_federation(self, num_sites: int, sample_rate: float, sites_per_round: int) -> None:  # noqa: B027
+    def setup_federation(  # noqa: B027 (no precondition by default)
+        self, num_sites: int, sample_rate: float, sites_per_round: int, sites: Sequence[str] = ()
+    ) -> None:
         """Check preconditions that depend on the federation, once its sites are known and before
-        any site trains: ``num_sites`` sites, a fraction ``sample_rate`` of them (``sites_per_round``)
-        planned per round. Does nothing by default.
+        any site trains: ``num_sites`` sites (named ``sites``, in order), a fraction ``sample_rate``
+        of them (``sites_per_round``) planned per round. Does nothing by default.
 
         Raise ``ValueError`` naming the argument (e.g. Krum's ``n > 2f + 2``) where they fail.
         """

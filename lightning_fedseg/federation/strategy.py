@@ -240,7 +240,8 @@ class FederatedStrategy(FederatedProcesses):
         if self.federated:
             self.server.setup(parameter_keys(self.module))
             per_round = len(self.mode.plan(0).tasks)
-            self.server.setup_federation(len(sites), float(getattr(self.mode, "fraction", 1.0)), per_round)
+            fraction = float(getattr(self.mode, "fraction", 1.0))
+            self.server.setup_federation(len(sites), fraction, per_round, sites=sites)
             for step in self.clients:
                 step.setup(self.module, sites)
         self.placement = self.place_sites(sites, datamodule) if self.federated else dict.fromkeys(sites, 0)

@@ -242,3 +242,12 @@ def test_attacks_on_two_processes_equal_the_simulation(request, tmp_path, extra,
         torch.testing.assert_close(distributed["state"][key], value, rtol=1e-5, atol=1e-5)
     if not masked:
         assert [h["byzantine/count"] for h in distributed["history"]] == [1.0] * len(distributed["history"])
+
+
+def test_the_strategy_names_every_site_at_setup_so_the_choice_needs_no_full_round():
+    from lightning_fedseg.federation.robust import CoordinateMedian
+
+    step = ByzantineServer(CoordinateMedian(), num_byzantine=2, seed=4)
+    sites = [f"s{i}" for i in range(6)]
+    step.setup_federation(6, 0.5, 3, sites=sites)
+    assert step.byzantine == byzantine_sites(sites, num_byzantine=2, seed=4) and len(step.byzantine) == 2
