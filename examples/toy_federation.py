@@ -143,6 +143,24 @@ class ToyClassifier(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler(optimizer)}
 
 
+def trainer_kwargs(tmp_path, **overrides):
+    """Quiet, deterministic CPU Trainer arguments (the tests use them too); ``overrides`` win."""
+    kwargs = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=2,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        deterministic=True,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Train the toy federation and return (and print) the last round's validation metrics."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -151,18 +169,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     pl.seed_everything(0, workers=True, verbose=False)
     with tempfile.TemporaryDirectory() as root:
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            devices=1,
-            max_epochs=args.rounds,
-            strategy=FederatedStrategy(mode=mode_from_name(args.mode)),
-            default_root_dir=root,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-        )
+        strategy = FederatedStrategy(mode=mode_from_name(args.mode))
+        trainer = pl.Trainer(**trainer_kwargs(root, max_epochs=args.rounds, strategy=strategy))
         trainer.fit(ToyClassifier(), datamodule=ToyDataModule())
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
     for name, value in sorted(metrics.items()):

@@ -1,4 +1,4 @@
-"""The toy federation of ``examples/toy_federation.py`` for the tests, and their Trainer helpers.
+"""The toy federation of ``examples/toy_federation.py`` for the tests, and a state comparison.
 
 The example is a script, not a package (``examples`` is also the name of a package some
 dependencies install), so it is loaded from its file here; its classes keep their names.
@@ -30,25 +30,9 @@ _example = _load_example()
 make_site_data = _example.make_site_data
 ToyDataModule = _example.ToyDataModule
 ToyClassifier = _example.ToyClassifier
+trainer_kwargs = _example.trainer_kwargs
 
 __all__ = ["ToyClassifier", "ToyDataModule", "make_site_data", "states_equal", "trainer_kwargs"]
-
-
-def trainer_kwargs(tmp_path, **overrides):
-    kwargs = dict(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=2,
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        deterministic=True,
-    )
-    kwargs.update(overrides)
-    return kwargs
 
 
 def states_equal(a, b) -> bool:
