@@ -27,10 +27,10 @@ compared after 1/50 of the training. Seeds vary initialization, data order and d
 partition (the dataset) is fixed.
 
 Outputs: ``<out>/results.json`` (every round of every run), ``<out>/tables.md`` (printed too) and
-PNG plots in ``--plots-dir``. Presets: ``smoke`` (seconds, for tests), ``quick`` (the 10-institution
-table in about 20 minutes on 2 CPU cores), ``paper`` (the paper's settings, for a GPU), and the
-convergence presets ``table2`` and ``table3`` (the quick settings trained to convergence at batch 5,
-the paper's optimizer steps per epoch and per site; 3 seeds)::
+PNG plots in ``--plots-dir``. Presets: ``smoke`` (for tests), ``quick`` (the 10-institution table
+on a CPU; ``benchmarks/RESULTS.md`` gives its wall time), ``paper`` (the paper's settings, for a
+GPU), and the convergence presets ``table2`` and ``table3`` (the quick settings trained to
+convergence at batch 5, the paper's optimizer steps per epoch and per site; 3 seeds)::
 
     .venv/bin/python benchmarks/collaboration_modes.py --preset quick
     .venv/bin/python benchmarks/collaboration_modes.py --preset quick --splits simulated
