@@ -37,24 +37,21 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import IO, Any
 
-import nibabel as nib
 import numpy as np
 import numpy.typing as npt
-from nibabel.spatialimages import SpatialImage
 
+from lightning_fedseg.data.cache_entry import IMAGE_FILE, LABELS_FILE, META_FILE, OUTSIDE_FILE, AxialSlices, CachedCase
 from lightning_fedseg.data.cases import Case, CaseReference
 from lightning_fedseg.data.conventions import LabelConvention, Modality
+from lightning_fedseg.data.nifti import open_nifti
 from lightning_fedseg.data.orientation import to_canonical, voxel_spacing
 from lightning_fedseg.data.preprocess import (
-    SlicePolicy,
     centre_crop_slices,
     preprocess_volume,
     resolve_crop_size,
-    select_slices,
 )
 from lightning_fedseg.data.validation import load_case
 
@@ -73,11 +70,6 @@ CACHE_VERSION = 2
 CACHE_ENV = "LIGHTNING_FEDSEG_CACHE"
 """Environment variable overriding the default cache folder."""
 
-_META = "meta.json"
-_IMAGE = "image.npy"
-_LABELS = "labels.npy"
-_OUTSIDE = "outside.npy"
-
 
 def default_cache_dir() -> Path:
     """The default cache folder.
@@ -89,157 +81,6 @@ def default_cache_dir() -> Path:
         return Path(os.environ[CACHE_ENV]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "lightning_fedseg" / "preprocessed"
-
-
-@dataclass(frozen=True)
-class AxialSlices:
-    """Reads axial slices of a cached, Fortran-ordered ``[..., Z]`` ``.npy`` file on demand.
-
-    A slice ``[..., z]`` of a Fortran-ordered array is one contiguous block, so reading it is one
-    ``os.pread`` between an open and a close: no file descriptor stays open between reads,
-    however many cases a dataset serves, and the page cache is used as a memory map would.
-
-    Attributes:
-        path: the ``.npy`` file.
-        offset: where the array data starts.
-        dtype: the element type.
-        shape: the array shape, last axis ``Z``.
-    """
-
-    path: Path
-    offset: int
-    dtype: np.dtype[Any]
-    shape: tuple[int, ...]
-
-    @classmethod
-    def open(cls, path: Path) -> AxialSlices:
-        """Parse the ``.npy`` header of ``path`` (the only time its header is read).
-
-        Raises:
-            ValueError: the array is not Fortran-ordered (not written by this cache).
-        """
-        with path.open("rb") as handle:
-            version = np.lib.format.read_magic(handle)
-            read_header = (
-                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            )
-            shape, fortran_order, dtype = read_header(handle)
-            offset = handle.tell()
-        if not fortran_order and len(shape) > 1:
-            raise ValueError(f"{path}: expected a Fortran-ordered array, as the cache writes them.")
-        return cls(path, offset, np.dtype(dtype), tuple(int(n) for n in shape))
-
-    def read(self, z: int) -> npt.NDArray[Any]:
-        """The slice ``[..., z]`` (Fortran-ordered, writable, a copy)."""
-        if not 0 <= z < self.shape[-1]:
-            raise IndexError(f"Slice {z} is outside 0..{self.shape[-1] - 1} of {self.path}.")
-        out = np.empty(self.shape[:-1], self.dtype, order="F")
-        nbytes = out.nbytes
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            flat: Any = out.reshape(-1, order="A")  # a view: the array is contiguous
-            got = os.preadv(fd, [memoryview(flat).cast("B")], self.offset + z * nbytes)
-        finally:
-            os.close(fd)
-        if got != nbytes:
-            raise OSError(f"{self.path} is truncated: slice {z} needs {nbytes} bytes, got {got}.")
-        return out
-
-
-@dataclass(frozen=True)
-class CachedCase:
-    """A complete cache entry; arrays are opened as read-only memory maps on demand.
-
-    Attributes:
-        case_id: the case's identifier.
-        directory: the entry's folder.
-        image_shape: ``(C, x, y, Z)`` of the cached image.
-        full_shape: ``(X, Y, Z)`` of the original volume.
-        crop: the X and Y slices the centre crop took.
-        brain_slices: per z, whether the cropped slice holds brain.
-        tumour_slices: per z, whether it holds a non-zero label (``None`` without labels).
-        labels_present: the distinct label values of the (uncropped) segmentation.
-        reference_path: the first modality's NIfTI file (affine and header for predictions).
-        seg_path: the segmentation file, if any (named in label errors).
-        spacing: voxel size in mm along X, Y, Z (of the reoriented volume when ``reoriented``).
-        reoriented: whether the arrays were reoriented to RAS.
-        outside_voxels: tumour voxels outside the crop (held in ``outside.npy``).
-    """
-
-    case_id: str
-    directory: Path
-    image_shape: tuple[int, int, int, int]
-    full_shape: tuple[int, int, int]
-    crop: tuple[slice, slice]
-    brain_slices: tuple[bool, ...]
-    tumour_slices: tuple[bool, ...] | None
-    labels_present: tuple[int, ...]
-    reference_path: Path
-    seg_path: Path | None
-    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    reoriented: bool = False
-    outside_voxels: int = 0
-
-    @property
-    def has_labels(self) -> bool:
-        """Whether the entry holds a label map."""
-        return self.tumour_slices is not None
-
-    @property
-    def num_slices(self) -> int:
-        """Number of axial slices ``Z``."""
-        return self.image_shape[3]
-
-    def image(self) -> npt.NDArray[np.float32]:
-        """The image ``[C, x, y, Z]`` as a read-only memory map."""
-        return np.load(self.directory / _IMAGE, mmap_mode="r")
-
-    def labels(self) -> npt.NDArray[np.uint8] | None:
-        """The label map ``[x, y, Z]`` as a read-only memory map, or ``None``."""
-        if not self.has_labels:
-            return None
-        return np.load(self.directory / _LABELS, mmap_mode="r")
-
-    def image_slices(self) -> AxialSlices:
-        """A reader of the image's axial slices ``[C, x, y]`` that holds no file open."""
-        return AxialSlices.open(self.directory / _IMAGE)
-
-    def label_slices(self) -> AxialSlices | None:
-        """A reader of the label map's axial slices ``[x, y]``, or ``None`` without labels."""
-        return AxialSlices.open(self.directory / _LABELS) if self.has_labels else None
-
-    def full_labels(self) -> npt.NDArray[np.uint8] | None:
-        """The label map on the full, uncropped ``(X, Y, Z)`` grid (tumour outside the crop too)."""
-        labels = self.labels()
-        if labels is None:
-            return None
-        full = self.reference().uncrop(np.asarray(labels))
-        if self.outside_voxels:
-            rows = np.load(self.directory / _OUTSIDE).astype(np.intp)
-            full[rows[:, 0], rows[:, 1], rows[:, 2]] = rows[:, 3]
-        return full
-
-    def reference(self) -> CaseReference:
-        """Where predictions of this case go back to (see :class:`CaseReference`)."""
-        return CaseReference(self.reference_path, self.full_shape, self.crop, self.spacing, self.reoriented)
-
-    def slices(self, policy: SlicePolicy | str, seed: int = 0) -> npt.NDArray[np.int64]:
-        """The z indices ``policy`` keeps (see :func:`select_slices`)."""
-        tumour = None if self.tumour_slices is None else np.array(self.tumour_slices)
-        return select_slices(policy, np.array(self.brain_slices), tumour, seed, self.case_id)
-
-    def check_labels(self, convention: LabelConvention | str) -> None:
-        """Raise a ``ValueError`` naming the segmentation file if a label is invalid."""
-        convention = LabelConvention(convention)
-        invalid = sorted(set(self.labels_present) - convention.valid_labels)
-        if invalid:
-            hint = ""
-            if convention is LabelConvention.BRATS and 3 in invalid:
-                hint = " HINT: BraTS 2023 and later mark enhancing tumor 3; use `brats2023`."
-            raise ValueError(
-                f"{self.seg_path}: labels {invalid} are not valid under label convention "
-                f"{convention.value} (valid: {sorted(convention.valid_labels)}).{hint}"
-            )
 
 
 def _fingerprint(path: Path) -> list[Any]:
@@ -357,16 +198,16 @@ class VolumeCache:
         """The complete entry of ``case``, or ``None`` when missing, partial or stale."""
         directory = self.entry_dir(case)
         try:
-            meta = json.loads((directory / _META).read_text())
+            meta = json.loads((directory / META_FILE).read_text())
         except (OSError, ValueError):
             return None
         if meta.get("key") != directory.name.rsplit("-", 1)[-1] or meta.get("settings") != (self.settings()):
             return None
-        if not (directory / _IMAGE).is_file():
+        if not (directory / IMAGE_FILE).is_file():
             return None
-        if meta["has_labels"] and not (directory / _LABELS).is_file():
+        if meta["has_labels"] and not (directory / LABELS_FILE).is_file():
             return None
-        return _from_meta(directory, meta)
+        return CachedCase.from_meta(directory, meta)
 
     def get(self, case: Case) -> CachedCase:
         """The entry of ``case``, building it first when needed (the only NIfTI read)."""
@@ -395,11 +236,11 @@ class VolumeCache:
         created = not directory.exists()
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            _save_npy(directory / _IMAGE, volume.image)
+            _save_npy(directory / IMAGE_FILE, volume.image)
             if volume.labels is not None:
-                _save_npy(directory / _LABELS, volume.labels)
+                _save_npy(directory / LABELS_FILE, volume.labels)
             if outside is not None and len(outside):
-                _save_npy(directory / _OUTSIDE, outside)
+                _save_npy(directory / OUTSIDE_FILE, outside)
             meta = {
                 "key": directory.name.rsplit("-", 1)[-1],
                 "settings": self.settings(),
@@ -417,13 +258,13 @@ class VolumeCache:
                 "seg_path": None if case.seg is None else str(case.seg),
                 "has_labels": volume.labels is not None,
             }
-            _write_json(directory / _META, meta)
+            _write_json(directory / META_FILE, meta)
             _fsync_dir(directory)
         except BaseException:
             if created:  # leave nothing half-written
                 shutil.rmtree(directory, ignore_errors=True)
             raise
-        return _from_meta(directory, meta)
+        return CachedCase.from_meta(directory, meta)
 
     def reference(self, case: Case) -> CaseReference:
         """The :class:`CaseReference` of ``case``, from the cache or the NIfTI header alone."""
@@ -431,7 +272,7 @@ class VolumeCache:
         if cached is not None:
             return cached.reference()
         path = self._sources(case)[0]
-        image = _open_nifti(path)
+        image = open_nifti(path)
         shape = tuple(int(s) for s in image.shape)
         if len(shape) != 3:
             raise ValueError(f"Expected a 3D volume in {path}, but its shape is {shape}.")
@@ -456,17 +297,12 @@ class VolumeCache:
         with contextlib.suppress(OSError, ValueError, KeyError):
             return int(json.loads(path.read_text())["voxels"])
         try:
-            voxels = int(np.count_nonzero(np.asanyarray(_open_nifti(case.seg).dataobj)))
+            voxels = int(np.count_nonzero(np.asanyarray(open_nifti(case.seg).dataobj)))
         except Exception as err:
             raise OSError(f"Cannot read {case.seg}: {err}") from err
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_json(path, {"seg": str(case.seg), "voxels": voxels})
         return voxels
-
-
-def _open_nifti(path: Path) -> SpatialImage:
-    """Open a NIfTI header (voxel data stays on disk until read)."""
-    return cast(SpatialImage, nib.load(path))
 
 
 def _outside_crop(seg: npt.NDArray[np.integer], crop: tuple[slice, slice]) -> npt.NDArray[np.int16]:
@@ -475,23 +311,3 @@ def _outside_crop(seg: npt.NDArray[np.integer], crop: tuple[slice, slice]) -> np
     outside[crop[0], crop[1], :] = False
     coords = np.nonzero(outside)
     return np.stack([*coords, seg[coords]], axis=1).astype(np.int16)
-
-
-def _from_meta(directory: Path, meta: dict[str, Any]) -> CachedCase:
-    (x0, x1), (y0, y1) = meta["crop"]
-    tumour = meta["tumour_slices"]
-    return CachedCase(
-        case_id=meta["case_id"],
-        directory=directory,
-        image_shape=tuple(meta["image_shape"]),
-        full_shape=tuple(meta["full_shape"]),
-        crop=(slice(x0, x1), slice(y0, y1)),
-        brain_slices=tuple(bool(v) for v in meta["brain_slices"]),
-        tumour_slices=None if tumour is None else tuple(bool(v) for v in tumour),
-        labels_present=tuple(meta["labels_present"]),
-        reference_path=Path(meta["reference_path"]),
-        seg_path=None if meta["seg_path"] is None else Path(meta["seg_path"]),
-        spacing=tuple(meta["spacing"]),
-        reoriented=bool(meta["reoriented"]),
-        outside_voxels=int(meta["outside_voxels"]),
-    )

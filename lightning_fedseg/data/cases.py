@@ -30,6 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from lightning_fedseg.data.conventions import MODALITIES, Modality
+from lightning_fedseg.data.nifti import NIFTI_SUFFIXES, is_nifti
 
 __all__ = [
     "NIFTI_SUFFIXES",
@@ -39,9 +40,6 @@ __all__ = [
     "LoadedCase",
     "discover_cases",
 ]
-
-NIFTI_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
-"""File endings tried for every expected file, in order of preference."""
 
 
 class CaseNaming(StrEnum):
@@ -179,13 +177,9 @@ def _find(folder_files: set[str], folder: Path, stem: str) -> Path | None:
     return None
 
 
-def _is_nifti(name: str) -> bool:
-    return name.endswith(NIFTI_SUFFIXES)
-
-
 def _discover_case(folder: Path, modalities: Sequence[Modality]) -> Case | None:
     files = {entry.name for entry in os.scandir(folder) if entry.is_file()}
-    if not any(_is_nifti(name) for name in files):
+    if not any(is_nifti(name) for name in files):
         return None
     case_id = folder.name
     best: Case | None = None
@@ -249,14 +243,3 @@ def discover_cases(
             f"(BraTS) or <ID>/<ID>_brain_flair.nii.gz (FeTS)."
         )
     return sorted(cases, key=lambda c: c.case_id)
-
-
-def _load_nifti(path: Path) -> nib.Nifti1Image:
-    """Open a NIfTI header (voxel data stays on disk); errors name the file."""
-    try:
-        img = nib.load(path)
-    except Exception as err:
-        raise OSError(f"cannot be read as NIfTI: {err}") from err
-    if not isinstance(img, nib.Nifti1Image):
-        raise ValueError(f"is a {type(img).__name__}, not a NIfTI-1/2 image.")
-    return img

@@ -21,7 +21,7 @@ import gzip
 import os
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,80 +30,13 @@ import nibabel as nib
 import numpy as np
 import numpy.typing as npt
 
-from lightning_fedseg.data.cases import Case, LoadedCase, _is_nifti, _load_nifti, discover_cases
+from lightning_fedseg.data.cases import Case, LoadedCase, discover_cases
+from lightning_fedseg.data.check_report import BadCaseError, CheckReport, Problem
 from lightning_fedseg.data.conventions import MODALITIES, LabelConvention, Modality
+from lightning_fedseg.data.nifti import is_nifti, open_nifti
 from lightning_fedseg.data.orientation import axis_codes, is_axial, to_canonical, voxel_spacing
 
 __all__ = ["BadCaseError", "CheckReport", "Problem", "check_dataset", "load_case", "validate_cases"]
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with a case: which case, which file (or folder), and what."""
-
-    case_id: str
-    path: Path
-    message: str
-
-
-@dataclass
-class CheckReport:
-    """Every problem found in a set of cases.
-
-    Attributes:
-        problems: all problems, case by case, in the order found.
-        num_cases: how many cases were checked.
-        root: the dataset folder, used to print paths relative to it.
-    """
-
-    problems: list[Problem] = field(default_factory=list)
-    num_cases: int = 0
-    root: Path | None = None
-
-    @property
-    def ok(self) -> bool:
-        """Whether no problem was found (an empty dataset is not ok)."""
-        return not self.problems and self.num_cases > 0
-
-    @property
-    def bad_case_ids(self) -> list[str]:
-        """The ids of cases with at least one problem, in order of first appearance."""
-        return list(dict.fromkeys(p.case_id for p in self.problems if p.case_id))
-
-    def format(self) -> str:
-        """A human-readable report, one line per problem, grouped by case."""
-        where = f" under {self.root}" if self.root is not None else ""
-        if self.ok:
-            return f"Checked {self.num_cases} cases{where}: all OK."
-        lines = [
-            f"Checked {self.num_cases} cases{where}: {len(self.problems)} problem(s) in "
-            f"{len(self.bad_case_ids)} case(s)."
-        ]
-        current: str | None = None
-        for problem in self.problems:
-            if problem.case_id != current:
-                current = problem.case_id
-                lines.append(f"{current or '(dataset)'}:")
-            lines.append(f"  {self._display(problem.path)}: {problem.message}")
-        return "\n".join(lines)
-
-    def _display(self, path: Path) -> str:
-        shown = str(path)
-        if self.root is not None and path != self.root and path.is_relative_to(self.root):
-            shown = str(path.relative_to(self.root))
-        return shown + "/" if path.is_dir() else shown
-
-
-class BadCaseError(ValueError):
-    """A case failed validation; ``report`` names every problem and file.
-
-    Attributes:
-        report: the problems found.
-    """
-
-    def __init__(self, report: CheckReport, hint: str = "") -> None:
-        self.report = report
-        super().__init__(report.format() + (f"\nHINT: {hint}" if hint else ""))
 
 
 @dataclass
@@ -180,7 +113,7 @@ def _check_headers(
     def report(path: Path, message: str) -> None:
         problems.append(Problem(case.case_id, path, message))
 
-    present = sorted(n for n in os.listdir(case.folder) if _is_nifti(n)) if case.folder.is_dir() else []
+    present = sorted(n for n in os.listdir(case.folder) if is_nifti(n)) if case.folder.is_dir() else []
     paths: list[tuple[str, Path]] = []
     order = [m for m in MODALITIES if m in modalities or m in also] + [m for m in modalities if m not in MODALITIES]
     for modality in order:
@@ -204,7 +137,7 @@ def _check_headers(
     files: list[_File] = []
     for name, path in paths:
         try:
-            image = _load_nifti(path)
+            image = open_nifti(path)
         except (OSError, ValueError) as err:
             report(path, str(err))
             continue

@@ -32,10 +32,10 @@ from enum import StrEnum
 from typing import Any, ClassVar
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from lightning_fedseg._validation import check_int
+from lightning_fedseg.federation.seeding import derive_seed, seed_torch
 
 __all__ = [
     "CDS",
@@ -79,38 +79,6 @@ def check_order(order: Sequence[str] | None, sites: Sequence[str]) -> tuple[str,
             " only the sites that take part."
         )
     return order
-
-
-def derive_seed(*entropy: int) -> int:
-    """A 32-bit seed derived from integers (base seed, round, site, ...), stable across processes.
-
-    Example:
-        >>> derive_seed(0, 1, 2) == derive_seed(0, 1, 2) != derive_seed(0, 2, 1)
-        True
-    """
-    return int(np.random.SeedSequence([int(e) for e in entropy]).generate_state(1)[0])
-
-
-def seed_torch(seed: int) -> None:
-    """``torch.manual_seed(seed)`` for the generators a fit can draw from: the CPU's, and each
-    accelerator's that is initialized (or MPS's). ``torch.manual_seed`` also queues the seed, with
-    a formatted stack, for every accelerator not yet initialized, which costs about 0.2 ms per
-    site hand-over on a CPU; a fit's accelerator is initialized before its first site starts.
-
-    Example:
-        >>> seed_torch(3); a = torch.rand(2)
-        >>> torch.manual_seed(3); bool(torch.equal(a, torch.rand(2)))  # doctest: +ELLIPSIS
-        <torch._C.Generator object at ...>
-        True
-    """
-    torch.default_generator.manual_seed(seed)
-    if torch.cuda.is_initialized():
-        torch.cuda.manual_seed_all(seed)
-    if torch.backends.mps.is_available():
-        torch.mps.manual_seed(seed)
-    xpu = getattr(torch, "xpu", None)
-    if xpu is not None and xpu.is_initialized():
-        xpu.manual_seed_all(seed)
 
 
 class Aggregation(StrEnum):

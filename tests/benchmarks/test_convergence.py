@@ -36,7 +36,7 @@ from benchmarks.time_to_accuracy import (
     time_to_accuracy as reach,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NAN = float("nan")
 
 

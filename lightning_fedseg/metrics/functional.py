@@ -1,8 +1,9 @@
-"""Per-volume BraTS metrics: Dice and 95th-percentile Hausdorff distance, and slice reassembly.
+"""Per-volume BraTS metrics as pure functions: Dice and 95th-percentile Hausdorff distance.
 
 The challenge scores each region (WT, TC, ET) of each patient volume separately, so a 2D model's
-slices are first put back together (:class:`SliceAssembler`) and then scored in 3D
-(:func:`dice_score`, :func:`hd95`, :class:`VolumeMetrics`).
+slices are first put back together (:class:`~lightning_fedseg.data.assembly.SliceAssembler`)
+and then scored in 3D (:func:`dice_score`, :func:`hd95`, :func:`volume_scores`); the
+accumulating ``Metric`` over them is :class:`~lightning_fedseg.metrics.volume.VolumeMetrics`.
 
 Empty-mask conventions follow the BraTS evaluation (CaPTk for 2017-2022, the BraTS 2023
 ``Legacy_Dice`` / ``Legacy_HD95``): when neither prediction nor ground truth contains the region,
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -24,20 +24,8 @@ import numpy.typing as npt
 import torch
 from scipy import ndimage
 from torch import Tensor
-from torchmetrics import Metric
 
-from lightning_fedseg.data.conventions import Region
-
-__all__ = [
-    "BRATS_HD95_PENALTY",
-    "AssembledVolume",
-    "HausdorffReduction",
-    "SliceAssembler",
-    "VolumeMetrics",
-    "dice_score",
-    "hd95",
-    "volume_scores",
-]
+__all__ = ["BRATS_HD95_PENALTY", "HausdorffReduction", "dice_score", "hd95", "volume_scores"]
 
 BRATS_HD95_PENALTY: float = math.sqrt(240**2 + 240**2 + 155**2)
 """HD95 (mm) when exactly one of prediction and ground truth is empty: 373.1287 mm."""
@@ -227,202 +215,3 @@ def volume_scores(
         return dice, None
     distances = torch.stack([hd95(p, t, spacing, reduction) for p, t in zip(pred, target, strict=True)])
     return dice, distances
-
-
-class VolumeMetrics(Metric):
-    """Mean per-volume Dice (and HD95) per region, accumulated as sums and a volume count.
-
-    The states are sums with ``dist_reduce_fx="sum"``, so :meth:`compute` gives the mean over all
-    volumes seen by all processes, and every process must call it (it synchronizes).
-
-    Args:
-        regions: the region of each channel, e.g. ``Target.REGIONS.regions``.
-        compute_hd95: also accumulate HD95 (costly; off saves time on CPU).
-        spacing: voxel size in mm along X, Y, Z.
-        hd95_reduction: see :func:`hd95`.
-        kwargs: passed to :class:`torchmetrics.Metric`.
-
-    Example:
-        >>> metric = VolumeMetrics(["wt"], compute_hd95=False)
-        >>> volume = torch.zeros(1, 4, 4, 2, dtype=torch.bool)
-        >>> volume[0, :2] = True
-        >>> metric.update(volume, volume)
-        >>> metric.update(volume, torch.zeros_like(volume))
-        >>> {key: round(value.item(), 4) for key, value in metric.compute().items()}
-        {'dice': 0.5, 'dice_wt': 0.5, 'volumes': 2.0}
-    """
-
-    full_state_update = False
-    higher_is_better = True
-    is_differentiable = False
-
-    dice_sum: Tensor
-    hd95_sum: Tensor
-    volumes: Tensor
-
-    def __init__(
-        self,
-        regions: Sequence[Region | str],
-        compute_hd95: bool = True,
-        spacing: Sequence[float] = (1.0, 1.0, 1.0),
-        hd95_reduction: HausdorffReduction | str = HausdorffReduction.MAX,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        if len(regions) == 0:
-            raise ValueError("Expected `regions` to name at least one region, but got none.")
-        self.regions = tuple(Region(r) for r in regions)
-        self.compute_hd95 = compute_hd95
-        self.spacing = tuple(float(s) for s in spacing)
-        self.hd95_reduction = HausdorffReduction(hd95_reduction)
-        num_regions = len(self.regions)
-        self.add_state("dice_sum", torch.zeros(num_regions, dtype=torch.float64), "sum")
-        self.add_state("hd95_sum", torch.zeros(num_regions, dtype=torch.float64), "sum")
-        self.add_state("volumes", torch.zeros((), dtype=torch.float64), "sum")
-
-    def update(self, pred_volume: Tensor, target_volume: Tensor, spacing: Sequence[float] | None = None) -> None:
-        """Score one volume: bool ``[K, X, Y, Z]`` prediction and ground truth.
-
-        Args:
-            pred_volume: predicted region masks.
-            target_volume: ground-truth region masks, same shape.
-            spacing: this volume's voxel size in mm along X, Y, Z (default: the metric's
-                ``spacing``); HD95 is in mm, like its empty-mask penalty.
-        """
-        if pred_volume.shape[0] != len(self.regions):
-            raise ValueError(
-                f"Expected {len(self.regions)} region channels ({', '.join(self.regions)}), "
-                f"but got a volume of shape {tuple(pred_volume.shape)}."
-            )
-        volume_spacing = self.spacing if spacing is None else tuple(float(s) for s in spacing)
-        dice, distances = volume_scores(
-            pred_volume, target_volume, self.compute_hd95, volume_spacing, self.hd95_reduction
-        )
-        self.dice_sum += dice.to(self.dice_sum)
-        if distances is not None:
-            self.hd95_sum += distances.to(self.hd95_sum)
-        self.volumes += 1
-
-    def compute(self) -> dict[str, Tensor]:
-        """Means over volumes: ``dice`` (over regions too), ``dice_<region>``, ``hd95_<region>``.
-
-        ``volumes`` is the number of volumes scored; the means are NaN when it is 0.
-        """
-        dice = (self.dice_sum / self.volumes).float()
-        out = {"dice": dice.mean()}
-        out.update({f"dice_{r}": dice[i] for i, r in enumerate(self.regions)})
-        if self.compute_hd95:
-            distances = (self.hd95_sum / self.volumes).float()
-            out.update({f"hd95_{r}": distances[i] for i, r in enumerate(self.regions)})
-        out["volumes"] = self.volumes.float()
-        return out
-
-
-@dataclass
-class AssembledVolume:
-    """One case put back together from its slices.
-
-    Attributes:
-        case_id: the case.
-        slice_index: the z index of each assembled slice, ascending, shape ``[Z]``.
-        tensors: each named input stacked along a new last axis: ``[..., Z]``.
-    """
-
-    case_id: str
-    slice_index: Tensor
-    tensors: dict[str, Tensor]
-
-
-@dataclass
-class _PendingCase:
-    num_slices: int
-    slices: dict[int, dict[str, Tensor]] = field(default_factory=dict)
-
-
-class SliceAssembler:
-    """Collects 2D slices per case and hands back each volume once all its slices arrived.
-
-    Slices may come in any order and cases may interleave or straddle batch boundaries; a case
-    is complete when ``num_slices`` distinct slice indices have been seen, and is then removed
-    from the buffer. Tensors are stored as given (move them to the CPU first to spare device
-    memory).
-
-    Example:
-        >>> assembler = SliceAssembler()
-        >>> assembler.add(["a", "b"], [1, 0], [2, 1], pred=torch.ones(2, 1, 2, 2))[0].case_id
-        'b'
-        >>> assembler.pending
-        ['a']
-        >>> volume = assembler.add(["a"], [0], [2], pred=torch.zeros(1, 1, 2, 2))[0]
-        >>> volume.tensors["pred"].shape, volume.slice_index.tolist(), len(assembler)
-        (torch.Size([1, 2, 2, 2]), [0, 1], 0)
-    """
-
-    def __init__(self) -> None:
-        self._pending: dict[str, _PendingCase] = {}
-
-    def __len__(self) -> int:
-        return len(self._pending)
-
-    @property
-    def pending(self) -> list[str]:
-        """The cases that have some but not all of their slices."""
-        return list(self._pending)
-
-    def reset(self) -> None:
-        """Drop all buffered slices."""
-        self._pending.clear()
-
-    def add(
-        self,
-        case_id: Sequence[str],
-        slice_index: Tensor | Sequence[int],
-        num_slices: Tensor | Sequence[int],
-        **tensors: Tensor,
-    ) -> list[AssembledVolume]:
-        """Buffer a batch of slices and return the volumes this batch completed.
-
-        Args:
-            case_id: the case of each slice, length ``B``.
-            slice_index: the z index of each slice, length ``B``.
-            num_slices: how many slices each slice's case has in this stream, length ``B``.
-            tensors: named batch tensors ``[B, ...]``, e.g. ``pred=..., target=...``.
-
-        Returns:
-            The completed volumes, in the order their last slice arrived.
-
-        Raises:
-            ValueError: on mismatched lengths, a slice seen twice, or a case whose
-                ``num_slices`` changes.
-        """
-        indices = [int(i) for i in slice_index]
-        counts = [int(n) for n in num_slices]
-        batch_size = len(case_id)
-        lengths = {"slice_index": len(indices), "num_slices": len(counts)}
-        lengths.update({name: len(t) for name, t in tensors.items()})
-        for name, length in lengths.items():
-            if length != batch_size:
-                raise ValueError(f"Expected `{name}` to have one entry per slice ({batch_size}), but got {length}.")
-        completed = []
-        for b, (case, z, count) in enumerate(zip(case_id, indices, counts, strict=True)):
-            if count < 1:
-                raise ValueError(f"Expected `num_slices` >= 1 for case {case!r}, but got {count}.")
-            pending = self._pending.setdefault(case, _PendingCase(count))
-            if pending.num_slices != count:
-                raise ValueError(
-                    f"Case {case!r} was announced with {pending.num_slices} slices, but slice {z} says {count}."
-                )
-            if z in pending.slices:
-                raise ValueError(f"Slice {z} of case {case!r} arrived twice.")
-            pending.slices[z] = {name: t[b].detach() for name, t in tensors.items()}
-            if len(pending.slices) == pending.num_slices:
-                del self._pending[case]
-                completed.append(_stack(case, pending.slices))
-        return completed
-
-
-def _stack(case_id: str, slices: dict[int, dict[str, Tensor]]) -> AssembledVolume:
-    order = sorted(slices)
-    names = slices[order[0]].keys()
-    tensors = {name: torch.stack([slices[z][name] for z in order], dim=-1) for name in names}
-    return AssembledVolume(case_id, torch.tensor(order, dtype=torch.long), tensors)

@@ -9,7 +9,7 @@ import pytest
 
 from lightning_fedseg.data import FederatedDataModule, read_fets_csv, write_synthetic_dataset
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "fullscale_rehearsal.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "fullscale_rehearsal.py"
 
 
 def _script():
