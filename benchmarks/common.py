@@ -105,7 +105,7 @@ def git_revision() -> str:
     head = _git("rev-parse", "--short", "HEAD") or "unknown"
     dirty = _git("status", "--porcelain", "--untracked-files=all").splitlines()
     paths = [line[3:] for line in dirty]
-    mine = [p for p in paths if p.startswith(("benchmarks/", "tests/test_benchmarks.py"))]
+    mine = [p for p in paths if p.startswith(("benchmarks/", "tests/benchmarks/"))]
     other = [p for p in paths if p not in mine]
     if mine:
         head += " + uncommitted benchmark scripts"

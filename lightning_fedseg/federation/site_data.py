@@ -30,7 +30,7 @@ def site_datamodule(trainer: Any) -> SiteDataModule:
         raise TypeError(
             "FederatedStrategy needs a DataModule with `site_names` and"
             " `site_train_dataloader(site)`, passed as `trainer.fit(model, datamodule=...)`;"
-            f" got {type(datamodule).__name__}. HINT: see `SiteDataModule` in the README."
+            f" got {type(datamodule).__name__}. HINT: see `SiteDataModule` in docs/own-project.md."
         )
     return datamodule
 

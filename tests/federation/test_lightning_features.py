@@ -1,5 +1,7 @@
 """Every Trainer argument and built-in callback has a row (`lightning_features.FEATURES`), and each row a test.
 
+The user guide's table (docs/lightning-features.md) is the generated one: tests/test_docs.py checks it.
+
 "As in plain Lightning": a one-site federation with the feature equals plain Lightning with it, bit for
 bit. A federated meaning: a test of that meaning, here or in the module named in ``ELSEWHERE``. A
 refusal: the error names what the user set.
@@ -21,7 +23,7 @@ from lightning.pytorch.tuner import Tuner
 from lightning_fedseg import FedAvg, FederatedStrategy
 from lightning_fedseg.federation import UnsupportedFeatureError
 from lightning_fedseg.federation import lightning_compat as compat
-from lightning_fedseg.federation.lightning_features import FEATURES, Meaning, markdown_table
+from lightning_fedseg.federation.lightning_features import FEATURES, Meaning
 from tests.federation.toy import ToyClassifier, ToyDataModule, states_equal, trainer_kwargs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -182,10 +184,6 @@ def test_every_row_has_a_test():
         meaning = FEATURES[name][0]
         assert (name in REFUSED) == (meaning is Meaning.REFUSED), name
         assert (name in PLAIN) <= (meaning is Meaning.PLAIN), name
-
-
-def test_the_readme_table_is_the_features_table():
-    assert markdown_table() in (ROOT / "README.md").read_text()
 
 
 def _available(name: str) -> bool:
