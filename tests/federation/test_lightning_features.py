@@ -10,6 +10,7 @@ refusal: the error names what the user set.
 from __future__ import annotations
 
 import inspect
+import operator
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -19,6 +20,7 @@ from lightning.pytorch import callbacks as cb
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import TorchCheckpointIO
 from lightning.pytorch.tuner import Tuner
+from lightning_utilities.core.imports import compare_version
 
 from lightning_fedseg import FedAvg, FederatedStrategy
 from lightning_fedseg.federation import UnsupportedFeatureError
@@ -194,6 +196,10 @@ def _available(name: str) -> bool:
 def test_one_site_federation_equals_plain_lightning(tmp_path, name):
     if not _available(name):
         pytest.skip(f"{name} is not in this Lightning")
+    if name == "RichProgressBar" and not compare_version("lightning", operator.ge, "2.6.0"):
+        pytest.skip(
+            "Lightning 2.5's RichProgressBar fails with rich >= 14 in plain Lightning too (`_live_stack.pop()`)"
+        )
     case = PLAIN.get(name, FEDERATED_EQUAL.get(name))
     plain, _, _ = run(tmp_path / "plain", False, _fresh(case))
     fed, _, _ = run(tmp_path / "fed", True, _fresh(case))
