@@ -22,6 +22,7 @@ from lightning_fedseg.federation.modes import (
     SiteTask,
     mode_from_name,
 )
+from lightning_fedseg.federation.patient_dp import PatientDPSGD
 from lightning_fedseg.federation.placement import assign_sites
 from lightning_fedseg.federation.privacy import DPFedAvg
 from lightning_fedseg.federation.registry import register_strategies
@@ -54,6 +55,7 @@ __all__ = [
     "IntegerPolicy",
     "Krum",
     "NonFiniteStateError",
+    "PatientDPSGD",
     "RoundFailedError",
     "RoundPlan",
     "ServerStep",
