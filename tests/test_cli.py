@@ -103,7 +103,9 @@ def test_fit_then_test_from_the_fedavg_config(small_dataset, tmp_path, capsys):
 
 # One of each kind (a server optimizer, a robust rule, client steps with and without site state);
 # every config is resolved by `test_every_mode_config_resolves`.
-ALGORITHM_CONFIGS = [ROOT / "configs" / f"{name}.yaml" for name in ("fedadam", "krum", "scaffold", "fedbn")]
+ALGORITHM_CONFIGS = [
+    ROOT / "configs" / f"{name}.yaml" for name in ("fedadam", "krum", "scaffold", "fedbn", "fedavg_patient_dp")
+]
 
 
 @pytest.mark.slow
@@ -126,3 +128,9 @@ def test_every_algorithm_config_trains_a_round(config, small_dataset, tmp_path):
     ckpt = torch.load(last, weights_only=False)
     assert ckpt["federation"]["completed_rounds"] == 1
     assert ckpt["federation"]["history"][0]["succeeded"] == ["1", "2", "3"]
+    if config.stem == "fedavg_patient_dp":  # each institution's own accountant, calibrated to its target
+        accounts = ckpt["federation"]["client_states"]
+        assert sorted(accounts) == ["1", "2", "3"]
+        for site in accounts:
+            epsilon = ckpt["federation"]["history"][0][f"privacy/{site}/epsilon"]
+            assert 0 < epsilon <= 8.0 and accounts[site]["patient_dp"]["history"][0][2] == 4
