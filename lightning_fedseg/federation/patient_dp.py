@@ -125,7 +125,8 @@ class PatientDPSGD(ClientStep):
     Args:
         max_grad_norm: ``C``, the L2 bound of one patient's gradient (all parameters together).
         noise_multiplier: ``sigma``; the noise on the sum of clipped gradients has std ``sigma C``.
-            ``None``: calibrated from ``target_epsilon`` and the planned steps.
+            ``None``: calibrated from ``target_epsilon`` and the planned steps. ``0``: clipping
+            without noise (no privacy, epsilon infinite), to measure what clipping alone costs.
         target_epsilon: each site stops before exceeding it (``None``: never stops).
         delta: the ``delta`` of epsilon (e.g. below 1 / the patients of the largest site).
         accountant: ``"rdp"`` or ``"prv"`` (opacus).
@@ -146,8 +147,8 @@ class PatientDPSGD(ClientStep):
         for name, value in (("max_grad_norm", max_grad_norm), ("delta", delta)):
             if not (isinstance(value, int | float) and value > 0 and math.isfinite(value)):
                 raise ValueError(f"Expected `{name}` to be positive, but got {value!r}.")
-        if noise_multiplier is not None and not (isinstance(noise_multiplier, int | float) and noise_multiplier > 0):
-            raise ValueError(f"Expected `noise_multiplier` to be positive, but got {noise_multiplier!r}.")
+        if noise_multiplier is not None and not (isinstance(noise_multiplier, int | float) and noise_multiplier >= 0):
+            raise ValueError(f"Expected `noise_multiplier` to be non-negative, but got {noise_multiplier!r}.")
         if target_epsilon is not None and not (isinstance(target_epsilon, int | float) and target_epsilon > 0):
             raise ValueError(f"Expected `target_epsilon` to be positive, but got {target_epsilon!r}.")
         if noise_multiplier is None and target_epsilon is None:
