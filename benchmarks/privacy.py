@@ -336,11 +336,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--settings", nargs="+", choices=settings(), default=None, help="run these, in this order")
     parser.add_argument("--splits", nargs="+", default=None, help="a subset of the preset's splits")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="a subset of the preset's seeds")
+    parser.add_argument("--jobs", type=int, default=None, help="runs at a time (default: the preset's)")
     args = parser.parse_args(argv)
     quiet()
     preset = PRESETS[args.preset]
     splits = SPLITS[args.preset]
-    preset = replace(preset, splits=splits)
+    preset = replace(preset, splits=splits, jobs=args.jobs or preset.jobs)
     out = args.out or REPO_ROOT / "benchmarks" / "results" / f"privacy-{preset.name}"
     folder = out / "runs"
     folder.mkdir(parents=True, exist_ok=True)
