@@ -53,11 +53,11 @@ from __future__ import annotations
 
 import math
 import secrets
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_fedseg.federation.client_steps import ClientStep, State
@@ -314,9 +314,11 @@ class PatientDPSGD(ClientStep):
         if self._allowed <= 0:
             if site not in self.stopped:
                 self.stopped.add(site)
-                rank_zero_warn(
+                warnings.warn(  # on the site's own process, whichever rank it is
                     f"Site {site!r} stops training: one more step would take its epsilon past target_epsilon="
-                    f"{self.target_epsilon} (it is {self.epsilon(site):.3g} at delta={self.delta})."
+                    f"{self.target_epsilon} (it is {self.epsilon(site):.3g} at delta={self.delta}).",
+                    UserWarning,
+                    stacklevel=2,
                 )
             for p in params:  # the optimizer skips parameters without a gradient
                 p.grad = None
