@@ -153,12 +153,13 @@ def train_and_test(
     federated: bool = True,
     data_extra: dict[str, Any] | None = None,
     model_extra: dict[str, Any] | None = None,
+    local_epochs: int = 1,
     **strategy_extra: Any,
 ) -> dict[str, Any]:
     """One run: FedAvg (1 local epoch) with ``strategy_extra``, or CDS; the best-validation round's
     held-out Dice and each site's validation Dice, the validation Dice (and server metrics) of
     every round, and each round's seconds. ``data_extra`` and ``model_extra`` add arguments of the
-    data module and the model."""
+    data module and the model; ``local_epochs`` is FedAvg's."""
     quiet()
     set_threads(1)
     started = time.perf_counter()
@@ -172,7 +173,7 @@ def train_and_test(
     model = BrainTumorSegmentation(
         **model_kwargs(preset.model, in_channels=dm.in_channels, compute_hd95=False, **(model_extra or {}))
     )
-    mode = FedAvg(local_epochs=1) if federated else CDS()
+    mode = FedAvg(local_epochs=local_epochs) if federated else CDS()
     recorder = RoundRecorder(select="val/dice")
     strategy = FederatedStrategy(mode, seed=seed, **strategy_extra)
     trainer = pl.Trainer(
