@@ -144,6 +144,22 @@ def test_with_no_patient_the_update_is_noise_of_std_sigma_c_over_qn_and_the_step
     assert contribution is None and state == {"history": [[sigma, q, 1]], "stopped": False}
 
 
+def test_the_prv_accountant_is_opacus_prv_over_every_step_empty_ones_included():
+    from opacus.accountants import PRVAccountant
+
+    model, step = module(), PatientDPSGD(noise_multiplier=1.1, accountant="prv", noise_seed=0)
+    attach(model, step, num_patients=20, q=0.25)
+    step.begin_site("s", model, {}, None)
+    for batch in (batch_of(SLICES), batch_of({}), batch_of({"p9": 2})):  # the step replaces any gradient
+        step.on_batch(model, batch)
+        step.before_optimizer_step(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    reference = PRVAccountant()
+    for _ in range(3):
+        reference.step(noise_multiplier=1.1, sample_rate=0.25)
+    assert step.steps("s") == 3
+    assert step.epsilon("s") == pytest.approx(reference.get_epsilon(delta=1e-5), rel=1e-9)
+
+
 def test_the_noise_multiplier_is_calibrated_to_the_target_over_the_planned_steps():
     from opacus.accountants.utils import get_noise_multiplier
 
