@@ -19,10 +19,10 @@ clipping at ``MAX_GRAD_NORM`` without noise; ``p-eps<e>`` is patient-level DP-SG
 multiplier opacus calibrates so that each institution spends ``e`` over all the preset's rounds
 (``round(1/q)`` steps per round), and ``p-eps8-m1`` the same at ``m = 1``. ``q``, ``m`` and ``C`` are
 fixed before any run (see their comments), never tuned per result. Patient sampling takes
-``round(1/q)`` = 4 steps per local epoch where shuffled batches of 16 slices take about 20 on the
-real split; the rows ending in ``-e5`` (added after the first pass showed that the sampling alone
-cost most of the Dice) train 5 local epochs per round, about the batch rows' number of steps, with
-the noise calibrated over those steps. Each run also records every
+``round(1/q)`` = 4 steps per local epoch at every institution (40 per round on the real split),
+where shuffled batches of 16 slices take 2 to 50 (121 per round); the rows ending in ``-e5``
+(added after the first pass showed that the sampling alone cost most of the Dice) train 5 local
+epochs per round (200 steps), with the noise calibrated over those steps. Each run also records every
 site's validation Dice at the selected round (the worst site's is shown), each round's seconds and
 the process's peak resident memory.
 
@@ -71,9 +71,10 @@ DELTA = 1e-5
 CLIP_NORM = 1.0  # the configs' default (configs/fedavg_dp.yaml), for every split, epsilon and seed
 EPSILONS = (1.0, 3.0, 8.0)
 SPLITS = {"smoke": ("sim4",), "quick": ("real", "sim32"), "paper": ("real", "sim32")}
-# Patient-level DP-SGD. On the real split an institution has about 13 training patients: q = 0.25
-# samples about 3 per step, m = 4 slices each gives about 13 slices, near the preset's batch of 16,
-# and 4 steps per round. C = 1 is the config's default, as for DP-FedAvg.
+# Patient-level DP-SGD. Chosen before any run: q = 0.25 gives 4 steps per local epoch at every
+# institution, m = 4 slices of each sampled patient (the config's defaults); C = 1 is the config's
+# default, as for DP-FedAvg. The real split's institutions hold 31, 13, 8, 6, 5, 5, 2, 2, 1 and 1
+# training patients (measured after the runs), so q N, what the noise is divided by, is 0.25 to 7.75.
 PATIENT_SAMPLE_RATE = 0.25
 SLICES_PER_PATIENT = 4
 MAX_GRAD_NORM = 1.0
