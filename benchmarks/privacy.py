@@ -365,7 +365,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not args.report:
         run_pending(run_and_save, preset, jobs, folder)
     results = finished(folder)
-    text, numbers = tables(results, preset, splits)
+    shown = [*splits, *sorted({r["split"] for r in results} - set(splits))]  # e.g. a --splits sim4 run
+    text, numbers = tables(results, preset, shown)
     figure_path = plot(numbers, preset, args.plots_dir)
     document = {"meta": {**provenance(argv), "preset": asdict(preset), "delta": DELTA, "clip_norm": CLIP_NORM},
                 "tables": numbers, "runs": results}  # fmt: skip
