@@ -264,7 +264,7 @@ def tables(results: Sequence[dict[str, Any]], preset: Preset, splits: Sequence[s
             mean, std, n = mean_std(r["heldout"] for r in mine)
             sigma = mine[0].get("noise_multiplier")
             spent = [e for r in mine for e in epsilons(r)]
-            if setting in ("nodp", "gn", "gn-ploss"):
+            if setting.removesuffix("-e5") in ("nodp", "gn", "gn-ploss"):
                 eps = "-"
             elif not spent or sigma == 0:
                 eps = "inf"
