@@ -147,22 +147,33 @@ def preset_sites(preset: Preset, split: str) -> int:
 
 
 def train_and_test(
-    preset: Preset, split: str, seed: int, federated: bool = True, **strategy_extra: Any
+    preset: Preset,
+    split: str,
+    seed: int,
+    federated: bool = True,
+    data_extra: dict[str, Any] | None = None,
+    model_extra: dict[str, Any] | None = None,
+    local_epochs: int = 1,
+    **strategy_extra: Any,
 ) -> dict[str, Any]:
     """One run: FedAvg (1 local epoch) with ``strategy_extra``, or CDS; the best-validation round's
-    held-out Dice and the validation Dice (and server metrics) of every round."""
+    held-out Dice and each site's validation Dice, the validation Dice (and server metrics) of
+    every round, and each round's seconds. ``data_extra`` and ``model_extra`` add arguments of the
+    data module and the model; ``local_epochs`` is FedAvg's."""
     quiet()
     set_threads(1)
     started = time.perf_counter()
     pl.seed_everything(seed, workers=True, verbose=False)
-    dm = FederatedDataModule(**data_kwargs(preset, split))
+    dm = FederatedDataModule(**data_kwargs(preset, split), **(data_extra or {}))
     dm.prepare_data()
     dm.setup("fit")
     if len(dm.site_names) != preset_sites(preset, split):
         expected = preset_sites(preset, split)
         raise RuntimeError(f"Expected {expected} sites for split {split!r}, got {len(dm.site_names)}.")
-    model = BrainTumorSegmentation(**model_kwargs(preset.model, in_channels=dm.in_channels, compute_hd95=False))
-    mode = FedAvg(local_epochs=1) if federated else CDS()
+    model = BrainTumorSegmentation(
+        **model_kwargs(preset.model, in_channels=dm.in_channels, compute_hd95=False, **(model_extra or {}))
+    )
+    mode = FedAvg(local_epochs=local_epochs) if federated else CDS()
     recorder = RoundRecorder(select="val/dice")
     strategy = FederatedStrategy(mode, seed=seed, **strategy_extra)
     trainer = pl.Trainer(
@@ -178,9 +189,12 @@ def train_and_test(
     tester = pl.Trainer(**trainer_defaults("auto" if preset.model == "paper" else "cpu"))
     heldout = float(tester.test(model, datamodule=dm, verbose=False)[0]["test/dice"])
     privacy = [{k: v for k, v in h.items() if k.startswith("privacy/")} for h in strategy.history]
+    selected = next((r for r in recorder.rounds if r["round"] == best_round), {})
     return {
         "sites": len(dm.site_names),
         "val_dice": [r.get("val/dice") for r in recorder.rounds],
+        "site_val_dice": {s: selected.get(f"val/{s}/dice") for s in dm.site_names},
+        "round_seconds": [r.get("seconds") for r in recorder.rounds],
         "selected_round": best_round,
         "selected_val": value,
         "heldout": heldout,

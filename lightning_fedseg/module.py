@@ -12,6 +12,13 @@ terms and trains with smoothing 32. One difference remains: smp sets a channel's
 the batch holds no foreground for it, where the paper's formula gives ``log(|P| + 1)`` and still
 punishes false positives; with the paper's batches of 64 shuffled slices that practically never
 happens.
+
+The loss unit (``loss_unit``) says over what the log Dice is taken: ``batch`` (the above, the
+default), ``slice`` (one log Dice per slice, averaged over the batch's slices) or ``patient`` (one
+log Dice over each patient's slices of the batch, averaged over the batch's patients). Only the
+last two decompose over patients, which differentially private training needs (see
+:mod:`lightning_fedseg.federation.patient_dp`); ``normalization`` swaps the network's batch norm for
+group or instance norm for the same reason (:mod:`lightning_fedseg.normalization`).
 """
 
 from __future__ import annotations
@@ -35,9 +42,10 @@ from torchmetrics.classification import BinaryF1Score
 from lightning_fedseg._validation import check_int
 from lightning_fedseg.data.conventions import Target, nest_regions
 from lightning_fedseg.metrics import AssembledVolume, HausdorffReduction, SliceAssembler, VolumeMetrics
+from lightning_fedseg.normalization import Normalization, replace_batch_norm
 from lightning_fedseg.plotting import overlay_figure
 
-__all__ = ["BrainTumorSegmentation", "LossName", "build_network", "paper_adam"]
+__all__ = ["BrainTumorSegmentation", "LossName", "LossUnit", "build_network", "paper_adam"]
 
 _PLAIN_TYPES = (type(None), bool, int, float, str)
 _E = TypeVar("_E", bound=StrEnum)
@@ -48,6 +56,14 @@ class LossName(StrEnum):
 
     DICE = "dice"
     DICE_BCE = "dice_bce"
+
+
+class LossUnit(StrEnum):
+    """Over what one log Dice is taken: the whole batch, each slice, or each patient's slices."""
+
+    BATCH = "batch"
+    SLICE = "slice"
+    PATIENT = "patient"
 
 
 def paper_adam(params: Iterable[Any]) -> Optimizer:
@@ -173,6 +189,10 @@ class BrainTumorSegmentation(LightningModule):
             the smp network built from the arguments above.
         model_kwargs: extra keyword arguments for the smp architecture.
         loss: ``"dice"`` (the paper's log Dice, see the module docstring) or ``"dice_bce"``.
+        loss_unit: ``"batch"`` (one Dice over the batch, the default), ``"slice"`` or ``"patient"``
+            (one per slice or per patient, averaged): see the module docstring.
+        normalization: ``"batch"`` (the network as built), ``"group"`` or ``"instance"`` (its
+            ``BatchNorm2d`` layers swapped when it is built; see :mod:`lightning_fedseg.normalization`).
         dice_smooth: smp's Dice smoothing; 0.5 reproduces the paper's Laplace smoothing of 1.
         optimizer: callable from parameters to an optimizer (LightningCLI ``class_path``).
         lr_scheduler: callable from the optimizer to a scheduler, or ``None``.
@@ -203,6 +223,8 @@ class BrainTumorSegmentation(LightningModule):
         compute_hd95: bool = True,
         hd95_reduction: HausdorffReduction | str = "max",
         log_images: int = 4,
+        loss_unit: LossUnit | str = "batch",
+        normalization: Normalization | str = "batch",
     ) -> None:
         super().__init__()
         check_int("in_channels", in_channels)
@@ -216,6 +238,8 @@ class BrainTumorSegmentation(LightningModule):
         # Plain strings in the hyperparameters keep checkpoints loadable with weights_only=True.
         target = _parse_enum(Target, target, "target").value
         loss = _parse_enum(LossName, loss, "loss").value
+        loss_unit = _parse_enum(LossUnit, loss_unit, "loss_unit").value
+        normalization = _parse_enum(Normalization, normalization, "normalization").value
         hd95_reduction = _parse_enum(HausdorffReduction, hd95_reduction, "hd95_reduction").value
         from_cli = _built_by_lightning_cli()
         # Under LightningCLI the hyperparameters are the config as given (class_path dicts), which
@@ -240,7 +264,8 @@ class BrainTumorSegmentation(LightningModule):
                 encoder_weights=encoder_weights,
                 **(model_kwargs or {}),
             )
-        self.network = network
+        self.network = replace_batch_norm(network, normalization)
+        self.loss_unit = LossUnit(loss_unit)
         mode = smp.losses.BINARY_MODE if num_classes == 1 else smp.losses.MULTILABEL_MODE
         self.dice_loss = smp.losses.DiceLoss(mode, log_loss=True, from_logits=True, smooth=dice_smooth)
         self.bce_loss = smp.losses.SoftBCEWithLogitsLoss() if loss == LossName.DICE_BCE else None
@@ -267,13 +292,32 @@ class BrainTumorSegmentation(LightningModule):
         """Logits ``[B, K, H, W]`` for images ``[B, C, H, W]``."""
         return self.network(image)
 
-    def loss(self, logits: Tensor, target: Tensor) -> Tensor:
-        """The training loss of logits against 0/1 targets, both ``[B, K, H, W]``."""
+    def loss(self, logits: Tensor, target: Tensor, case_id: Sequence[str] | None = None) -> Tensor:
+        """The training loss of logits against 0/1 targets, both ``[B, K, H, W]``, per ``loss_unit``.
+
+        ``case_id`` (one per slice) names each slice's patient; the ``patient`` unit needs it.
+        """
         if logits.shape != target.shape:
             raise ValueError(
                 f"Expected the network output {tuple(logits.shape)} to match the target "
                 f"{tuple(target.shape)} ({len(self.regions)} channels for target={self.target})."
             )
+        if self.loss_unit is LossUnit.BATCH:
+            return self._unit_loss(logits, target)
+        if self.loss_unit is LossUnit.SLICE:
+            units = [[i] for i in range(len(target))]
+        else:
+            if case_id is None or len(case_id) != len(target):
+                raise ValueError("loss_unit='patient' needs the `case_id` of every slice of the batch.")
+            groups: dict[str, list[int]] = {}
+            for i, case in enumerate(case_id):
+                groups.setdefault(str(case), []).append(i)
+            units = list(groups.values())
+        if not units:  # an empty batch: nothing to learn, but a loss connected to the graph
+            return logits.sum() * 0.0
+        return torch.stack([self._unit_loss(logits[idx], target[idx]) for idx in units]).mean()
+
+    def _unit_loss(self, logits: Tensor, target: Tensor) -> Tensor:
         value = self.dice_loss(logits, target)
         if self.bce_loss is not None:
             value = value + self.bce_loss(logits, target)
@@ -292,10 +336,14 @@ class BrainTumorSegmentation(LightningModule):
     # ------------------------------------------------------------------ training
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        logits = self(batch["image"])
         target = batch["target"]
-        loss = self.loss(logits, target)
         batch_size = len(target)
+        if batch_size == 0:
+            # Patient-level Poisson sampling can draw no patient: the step still happens (DP-SGD
+            # then releases noise only), on a zero loss connected to every parameter.
+            return torch.stack([p.sum() * 0.0 for p in self.parameters() if p.requires_grad]).sum()
+        logits = self(batch["image"])
+        loss = self.loss(logits, target, batch.get("case_id"))
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
         self.train_dice.update(logits.detach().sigmoid(), target.int())
         self.log("train/dice", self.train_dice, on_step=False, on_epoch=True, batch_size=batch_size)
@@ -329,7 +377,7 @@ class BrainTumorSegmentation(LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         logits = self(batch["image"])
         target = batch["target"]
-        self.val_loss.update(self.loss(logits, target), weight=len(target))
+        self.val_loss.update(self.loss(logits, target, batch.get("case_id")), weight=len(target))
         probs = logits.sigmoid()
         self.val_slice_dice.update(probs, target.int())
         while len(self.val_site_names) <= dataloader_idx:
@@ -363,7 +411,7 @@ class BrainTumorSegmentation(LightningModule):
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         logits = self(batch["image"])
         target = batch["target"]
-        self.test_loss.update(self.loss(logits, target), weight=len(target))
+        self.test_loss.update(self.loss(logits, target, batch.get("case_id")), weight=len(target))
         for volume in self._add_slices(batch, logits.sigmoid(), dataloader_idx):
             self.test_metrics.update(*self._scored_volume(volume))
 

@@ -105,7 +105,8 @@ def test_fit_then_test_from_the_fedavg_config(small_dataset, tmp_path, capsys):
 # robustness drill: an attack around bucketed centered clipping);
 # every config is resolved by `test_every_mode_config_resolves`.
 ALGORITHM_CONFIGS = [
-    ROOT / "configs" / f"{name}.yaml" for name in ("fedadam", "krum", "scaffold", "fedbn", "under_attack")
+    ROOT / "configs" / f"{name}.yaml"
+    for name in ("fedadam", "krum", "scaffold", "fedbn", "under_attack", "fedavg_patient_dp")
 ]
 
 
@@ -132,3 +133,9 @@ def test_every_algorithm_config_trains_a_round(config, small_dataset, tmp_path):
     if config.stem == "under_attack":  # one institution drawn with the seed sent the attack, and is named
         record = ckpt["federation"]["history"][0]
         assert record["byzantine/count"] == 1.0 and sum(k.startswith("byzantine/site/") for k in record) == 1
+    if config.stem == "fedavg_patient_dp":  # each institution's own accountant, calibrated to its target
+        accounts = ckpt["federation"]["client_states"]
+        assert sorted(accounts) == ["1", "2", "3"]
+        for site in accounts:
+            epsilon = ckpt["federation"]["history"][0][f"privacy/{site}/epsilon"]
+            assert 0 < epsilon <= 8.0 and accounts[site]["patient_dp"]["history"][0][2] == 4

@@ -63,6 +63,7 @@ from lightning_fedseg.data.partition import (
     read_site_assignment,
     simulated_split,
 )
+from lightning_fedseg.data.patient_sampling import EmptyBatchCollate, PatientPoissonSampler
 from lightning_fedseg.data.preprocess import SlicePolicy
 from lightning_fedseg.data.slices import (
     DeferredDistributedSampler,
@@ -146,6 +147,14 @@ class FederatedDataModule(LightningDataModule):
         reorient: reorient every case to RAS before slicing (recorded in the cache key; the
             prediction writer restores each file's own orientation). Without it a case whose
             third voxel axis is not inferior-superior is refused.
+        patient_sample_rate: ``q``: site training loaders sample patients (Poisson, each patient
+            with probability ``q`` per step, ``round(1/q)`` steps per epoch) instead of shuffling
+            slices, as patient-level DP-SGD needs (see :mod:`~lightning_fedseg.data.patient_sampling`).
+            ``None`` (default): shuffled batches of ``batch_size`` slices.
+        slices_per_patient: ``m``, slices taken of each sampled patient.
+        patient_slice_draw: ``"tumour"`` (half the ``m`` slices with tumour) or ``"uniform"``.
+        sampling_seed: seed of the patient sampling, for tests only; ``None`` draws from the
+            operating system's randomness.
 
 
     Example:
@@ -180,6 +189,10 @@ class FederatedDataModule(LightningDataModule):
         leave_out: list[str] | None = None,
         skip_bad_cases: bool = False,
         reorient: bool = False,
+        patient_sample_rate: float | None = None,
+        slices_per_patient: int = 4,
+        patient_slice_draw: Literal["tumour", "uniform"] = "tumour",
+        sampling_seed: int | None = None,
     ) -> None:
         mode: PartitionMode = _choice(PartitionMode, partition, "partition")
         target_: Target = _choice(Target, target, "target")
@@ -226,8 +239,19 @@ class FederatedDataModule(LightningDataModule):
             isinstance(leave_out, str) or not leave_out or len(set(leave_out)) != len(leave_out)
         ):
             raise ValueError(f"Expected `leave_out` to be a list of distinct sites, but got {leave_out!r}.")
+        if patient_sample_rate is not None and not 0.0 < patient_sample_rate <= 1.0:
+            raise ValueError(f"Expected `patient_sample_rate` in (0, 1], but got {patient_sample_rate!r}.")
+        check_int("slices_per_patient", slices_per_patient)
+        if patient_slice_draw not in ("tumour", "uniform"):
+            raise ValueError(
+                f"Expected `patient_slice_draw` to be 'tumour' or 'uniform', but got {patient_slice_draw!r}."
+            )
         super().__init__()
         self.save_hyperparameters()
+        self.patient_sample_rate = patient_sample_rate
+        self.slices_per_patient = slices_per_patient
+        self.patient_slice_draw = patient_slice_draw
+        self.sampling_seed = sampling_seed
         self.data_root = data_root
         self.partition_mode = mode
         self.partition_csv = partition_csv
@@ -560,8 +584,45 @@ class FederatedDataModule(LightningDataModule):
         )
 
     def site_train_dataloader(self, site: str) -> DataLoader[Batch]:
-        """Shuffled training slices of ``site`` (a ``RandomSampler`` with no generator set)."""
-        return self._loader(self.site_train_dataset(site), shuffle=True, persistent=False)
+        """Shuffled training slices of ``site`` (a ``RandomSampler`` with no generator set), or with
+        ``patient_sample_rate``, Poisson-sampled patients (:meth:`site_patient_sampler`)."""
+        if self.patient_sample_rate is None:
+            return self._loader(self.site_train_dataset(site), shuffle=True, persistent=False)
+        dataset = self.site_train_dataset(site)
+        return DataLoader(
+            dataset,
+            batch_sampler=self.site_patient_sampler(site, dataset),
+            collate_fn=EmptyBatchCollate(dataset[0]),
+            num_workers=self.num_workers,
+        )
+
+    def site_patient_sampler(self, site: str, dataset: SliceDataset | None = None) -> PatientPoissonSampler:
+        """The patient-level Poisson sampler of ``site``'s training slices (needs ``patient_sample_rate``);
+        its ``sample_rate`` and ``num_patients`` are the ``q`` and ``N`` of patient-level DP-SGD."""
+        if self.patient_sample_rate is None:
+            raise ValueError(
+                "Expected a `patient_sample_rate` for patient-level sampling, but got None."
+                " HINT: set `data.init_args.patient_sample_rate` (e.g. 0.1)."
+            )
+        dataset = self.site_train_dataset(site) if dataset is None else dataset
+        indices = np.arange(len(dataset))
+        patients = [indices[dataset.case_index == i] for i in range(len(dataset.cases))]
+        tumour: list[npt.NDArray[np.bool_]] | None = []
+        for i, case in enumerate(dataset.cases):
+            if case.tumour_slices is None or tumour is None:
+                tumour = None
+                continue
+            flags = np.asarray(case.tumour_slices, dtype=bool)
+            tumour.append(flags[dataset.z_index[dataset.case_index == i]])
+        return PatientPoissonSampler(
+            patients,
+            tumour,
+            self.patient_sample_rate,
+            self.slices_per_patient,
+            self.patient_slice_draw,
+            seed=self.sampling_seed,
+            stream=self.site_names.index(site),
+        )
 
     def site_val_dataloader(self, site: str) -> DataLoader[Batch]:
         """Every slice of ``site``'s validation cases, case by case, z ascending."""

@@ -23,6 +23,7 @@ from lightning_fedseg.federation.modes import (
     SiteTask,
     mode_from_name,
 )
+from lightning_fedseg.federation.patient_dp import PatientDPSGD
 from lightning_fedseg.federation.placement import assign_sites
 from lightning_fedseg.federation.preaggregation import Bucketing, NearestNeighborMixing
 from lightning_fedseg.federation.privacy import DPFedAvg
@@ -63,6 +64,7 @@ __all__ = [
     "NearestNeighborMixing",
     "NonFiniteStateError",
     "NormBounding",
+    "PatientDPSGD",
     "RoundFailedError",
     "RoundPlan",
     "ServerStep",

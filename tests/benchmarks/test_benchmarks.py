@@ -234,6 +234,7 @@ def test_privacy_smoke_spends_each_target_epsilon(tmp_path: Path) -> None:
     command = [
         sys.executable, "benchmarks/privacy.py", "--preset", "smoke", "--out", str(tmp_path / "out"),
         "--plots-dir", str(tmp_path / "plots"), "--algorithms-runs", str(reused),
+        "--settings", "nodp", "eps8", "eps3", "eps1", "clip",
     ]  # fmt: skip
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -251,6 +252,37 @@ def test_privacy_smoke_spends_each_target_epsilon(tmp_path: Path) -> None:
         assert run["privacy"][-1]["privacy/epsilon"] == pytest.approx(spent, rel=1e-5)
         assert 0.97 * target <= spent <= target
         assert _dice(run["heldout"])
+    _check_pngs(tmp_path / "plots", ["smoke-privacy-epsilon.png"])
+
+
+@pytest.mark.slow
+def test_patient_level_privacy_smoke_accounts_each_institution(tmp_path: Path) -> None:
+    """Patient-level rows: each institution spends at most its target, as opacus rebuilt from
+    (sigma, q, steps) says; clipping alone spends nothing finite; the table shows every row."""
+    from opacus.accountants import RDPAccountant
+
+    env = _isolated_env(tmp_path)
+    command = [
+        sys.executable, "benchmarks/privacy.py", "--preset", "smoke", "--out", str(tmp_path / "out"),
+        "--plots-dir", str(tmp_path / "plots"), "--algorithms-runs", str(tmp_path / "none"),
+        "--settings", "p-eps8", "p-clip",
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    document = json.loads((tmp_path / "out" / "results.json").read_text())
+    runs = {r["setting"]: r for r in document["runs"]}
+    assert runs["p-clip"]["noise_multiplier"] == 0.0 and runs["p-clip"]["peak_rss_mib"] > 0
+    run = runs["p-eps8"]
+    steps = len(run["val_dice"]) * round(1 / run["patient_sample_rate"])  # every site trains every round
+    accountant = RDPAccountant()
+    accountant.history = [(run["noise_multiplier"], run["patient_sample_rate"], steps)]
+    spent = accountant.get_epsilon(delta=1e-5)
+    per_site = {k: v for k, v in run["privacy"][-1].items() if k.endswith("/epsilon")}
+    assert len(per_site) == 4 and all(v == pytest.approx(spent, rel=1e-5) for v in per_site.values())
+    assert 0.97 * 8 <= spent <= 8
+    assert len(run["site_val_dice"]) == 4 and len(run["round_seconds"]) == len(run["val_dice"])
+    table = (tmp_path / "out" / "tables.md").read_text()
+    assert "patient-level DP-SGD, epsilon 8" in table and "patient-level: clip only" in table
     _check_pngs(tmp_path / "plots", ["smoke-privacy-epsilon.png"])
 
 
