@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
+from typing_extensions import override
 
 __all__ = ["FedSegCLI", "main"]
 
@@ -30,10 +31,12 @@ class FedSegCLI(LightningCLI):
     names them once.
     """
 
+    @override
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.link_arguments("data.modalities", "model.init_args.in_channels", compute_fn=len)
         parser.link_arguments("data.target", "model.init_args.target")
 
+    @override
     def before_instantiate_classes(self) -> None:
         # `--trainer.enable_progress_bar false` drops the configs' progress bar instead of failing.
         config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
@@ -43,7 +46,7 @@ class FedSegCLI(LightningCLI):
         callbacks = trainer.get("callbacks") or []
         trainer["callbacks"] = [c for c in callbacks if "ProgressBar" not in str(getattr(c, "class_path", c))]
 
-    def after_fit(self) -> None:
+    def after_fit(self) -> None:  # not an override: LightningCLI calls `after_<subcommand>` by name
         print_site_summary(self.trainer.callback_metrics, self.trainer)
 
 

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import BinaryF1Score
+from typing_extensions import override
 
 from lightning_fedseg._validation import check_int
 from lightning_fedseg.data.conventions import Target, nest_regions
@@ -288,6 +289,7 @@ class BrainTumorSegmentation(LightningModule):
 
     # ------------------------------------------------------------------ network and loss
 
+    @override
     def forward(self, image: Tensor) -> Tensor:
         """Logits ``[B, K, H, W]`` for images ``[B, C, H, W]``."""
         return self.network(image)
@@ -323,6 +325,7 @@ class BrainTumorSegmentation(LightningModule):
             value = value + self.bce_loss(logits, target)
         return value
 
+    @override
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer(self.parameters())
         if self.lr_scheduler is None:
@@ -335,6 +338,7 @@ class BrainTumorSegmentation(LightningModule):
 
     # ------------------------------------------------------------------ training
 
+    @override
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         target = batch["target"]
         batch_size = len(target)
@@ -351,6 +355,7 @@ class BrainTumorSegmentation(LightningModule):
 
     # ------------------------------------------------------------------ validation
 
+    @override
     def setup(self, stage: str) -> None:
         """Create one per-site metric for every validation loader the datamodule names.
 
@@ -370,10 +375,12 @@ class BrainTumorSegmentation(LightningModule):
         self.val_site_metrics.append(metric.to(self.device))
         self.val_site_names.append(name)
 
+    @override
     def on_validation_epoch_start(self) -> None:
         self._assemblers.clear()
         self._examples.clear()
 
+    @override
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         logits = self(batch["image"])
         target = batch["target"]
@@ -390,6 +397,7 @@ class BrainTumorSegmentation(LightningModule):
         if self._should_log_images():
             self._collect_examples(batch, probs, self.val_site_names[dataloader_idx])
 
+    @override
     def on_validation_epoch_end(self) -> None:
         self._warn_incomplete("validation")
         self._log_loss("val", self.val_loss)
@@ -405,9 +413,11 @@ class BrainTumorSegmentation(LightningModule):
 
     # ------------------------------------------------------------------ test and predict
 
+    @override
     def on_test_epoch_start(self) -> None:
         self._assemblers.clear()
 
+    @override
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         logits = self(batch["image"])
         target = batch["target"]
@@ -415,11 +425,13 @@ class BrainTumorSegmentation(LightningModule):
         for volume in self._add_slices(batch, logits.sigmoid(), dataloader_idx):
             self.test_metrics.update(*self._scored_volume(volume))
 
+    @override
     def on_test_epoch_end(self) -> None:
         self._warn_incomplete("test")
         self._log_loss("test", self.test_loss)
         self._log_volume_metrics("test", self.test_metrics)
 
+    @override
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         """Sigmoid probabilities ``[B, K, H, W]`` with the slices' case bookkeeping."""
         return {

@@ -14,6 +14,7 @@ import numpy.typing as npt
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
 
 from lightning_fedseg.data.conventions import LabelConvention, regions_to_labels
 from lightning_fedseg.data.orientation import from_canonical
@@ -116,10 +117,12 @@ class NiftiPredictionWriter(BasePredictionWriter):
         self.written: list[Path] = []
         self._assembler = SliceAssembler()
 
+    @override
     def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._assembler.reset()
         self.written = []
 
+    @override
     def write_on_batch_end(
         self,
         trainer: Trainer,
@@ -139,6 +142,7 @@ class NiftiPredictionWriter(BasePredictionWriter):
         for volume in volumes:
             self.written.append(self._write(trainer, volume))
 
+    @override
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._assembler.pending:
             rank_zero_warn(

@@ -39,6 +39,7 @@ import numpy.typing as npt
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
+from typing_extensions import override
 
 from lightning_fedseg._validation import check_int
 from lightning_fedseg.data.cache import CachedCase, VolumeCache
@@ -443,11 +444,13 @@ class FederatedDataModule(LightningDataModule):
         return partition
 
     # ------------------------------------------------------------------ cache
+    @override
     def prepare_data(self) -> None:
         """Write the synthetic default dataset if needed (once, before any ``setup``)."""
         if self.data_root is None:
             self._ensure_synthetic()
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         """Split the subjects into sites; reads file names (and CSVs) only.
 
@@ -650,6 +653,7 @@ class FederatedDataModule(LightningDataModule):
             self._num_samples[site] = int(sum(len(c.slices(self.slice_policy, self.seed)) for c in cached))
         return self._num_samples[site]
 
+    @override
     def train_dataloader(self) -> DataLoader[Batch]:
         """Shuffled training slices pooled over this process's sites (centralized training).
 
@@ -700,6 +704,7 @@ class FederatedDataModule(LightningDataModule):
             return None
         return dict(trainer.distributed_sampler_kwargs)
 
+    @override
     def val_dataloader(self) -> list[DataLoader[Batch]]:
         """One ordered loader per site of :attr:`val_loader_names`.
 
@@ -714,6 +719,7 @@ class FederatedDataModule(LightningDataModule):
             for site in self.val_loader_names
         ]
 
+    @override
     def test_dataloader(self) -> DataLoader[Batch]:
         """Every slice of the held-out cases, ordered.
 
@@ -729,6 +735,7 @@ class FederatedDataModule(LightningDataModule):
             )
         return self._loader(self._dataset(cases, "train", False), shuffle=False, persistent=True)
 
+    @override
     def predict_dataloader(self) -> DataLoader[Batch]:
         """Every slice of the ``predict_root`` cases (else the held-out cases), ordered.
 
