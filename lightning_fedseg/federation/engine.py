@@ -120,10 +120,6 @@ class RoundEngine:
         self.completed_rounds = int(state["completed_rounds"])
         self.history = list(state.get("history", []))
 
-    @property
-    def local_sites(self) -> tuple[str, ...]:
-        return tuple(s for s in self.sites if self.placement.get(s, 0) == self.transport.rank)
-
     def site_index(self, site: str) -> int:
         return self.sites.index(site) if site in self.sites else len(self.sites)
 

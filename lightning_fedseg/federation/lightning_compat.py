@@ -30,7 +30,7 @@ import lightning
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, Timer
 from lightning.pytorch.loops.optimization.automatic import _AutomaticOptimization
 from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
-from lightning.pytorch.strategies import DDPStrategy, ParallelStrategy, Strategy
+from lightning.pytorch.strategies import DDPStrategy, ParallelStrategy
 from lightning.pytorch.trainer.connectors.accelerator_connector import _AcceleratorConnector
 from lightning_utilities.core.imports import compare_version
 
@@ -41,7 +41,6 @@ __all__ = [
     "checkpoint_saves_inside_epochs",
     "distributed_sampler_in_use",
     "in_supported_range",
-    "load_checkpoint_kwargs",
     "patch_accumulation",
     "skip_per_batch_sigterm_broadcast",
     "sync_batchnorm_requested",
@@ -193,10 +192,3 @@ def val_check_has_time_interval(trainer: Any) -> bool:
 def sync_batchnorm_requested(strategy: ParallelStrategy) -> bool:
     """Whether ``Trainer(sync_batchnorm=True)`` gave the strategy a layer-sync plugin (kept privately)."""
     return getattr(strategy, "_layer_sync", None) is not None
-
-
-def load_checkpoint_kwargs(weights_only: bool | None) -> dict[str, Any]:
-    """Keyword arguments for ``Strategy.load_checkpoint``: ``weights_only`` exists from Lightning 2.6."""
-    if "weights_only" in inspect.signature(Strategy.load_checkpoint).parameters:
-        return {"weights_only": weights_only}
-    return {}
