@@ -26,84 +26,37 @@ for any site), and ``val_dataloader`` / ``val_loader_names`` / ``train_dataloade
 
 from __future__ import annotations
 
-import logging
-import warnings
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from enum import StrEnum
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lightning_fedseg._validation import check_int
 from lightning_fedseg.data.cache import CachedCase, VolumeCache
+from lightning_fedseg.data.case_loading import cache_cases
 from lightning_fedseg.data.cases import Case, CaseReference, discover_cases
 from lightning_fedseg.data.conventions import (
     MODALITIES,
-    LabelConvention,
     Modality,
-    Target,
     labels_to_regions,
 )
-from lightning_fedseg.data.partition import (
-    PAPER_HELDOUT_FRACTION,
-    PAPER_SIMULATED_HELDOUT,
-    DuplicateSubjectsError,
-    Partition,
-    dirichlet_split,
-    leave_out_sites,
-    paper_split,
-    paper_split_by_site,
-    read_fets_csv,
-    read_site_assignment,
-    simulated_split,
-)
+from lightning_fedseg.data.datamodule_args import check_arguments
+from lightning_fedseg.data.partition import Partition, leave_out_sites
+from lightning_fedseg.data.partition_policy import PartitionMode, PartitionPolicy, partition_table
 from lightning_fedseg.data.patient_sampling import EmptyBatchCollate, PatientPoissonSampler
-from lightning_fedseg.data.preprocess import SlicePolicy
-from lightning_fedseg.data.slices import (
-    DeferredDistributedSampler,
-    DeferredRandomSampler,
-    LazySliceDataset,
-    SliceDataset,
-)
-from lightning_fedseg.data.synthetic import DEFAULT_SHAPE, PARTITION_NAME, ensure_synthetic_dataset
-from lightning_fedseg.data.validation import BadCaseError, CheckReport
+from lightning_fedseg.data.site_loaders import patient_sampler, pooled_train_loader, slice_dataset, slice_loader
+from lightning_fedseg.data.slices import SliceDataset
+from lightning_fedseg.data.synthetic import DEFAULT_SHAPE, ensure_synthetic_dataset
+from lightning_fedseg.data.validation import CheckReport
 
 __all__ = ["FederatedDataModule", "PartitionMode", "SliceDataset"]
 
-log = logging.getLogger(__name__)
-
 Batch = dict[str, Any]
-
-
-class PartitionMode(StrEnum):
-    """How subjects become sites.
-
-    ``auto``: the FeTS CSV when ``partition_csv`` is given, else the institutions of the
-    dataset's own ``partition.csv`` (synthetic data), else the paper split. ``paper``: the
-    paper's 10-institution split. ``simulated``: ``num_sites`` equal sites. ``fets``: a FeTS
-    partition CSV. ``dirichlet``: a tumour-size-skewed non-IID split.
-    """
-
-    AUTO = "auto"
-    PAPER = "paper"
-    SIMULATED = "simulated"
-    FETS = "fets"
-    DIRICHLET = "dirichlet"
-
-
-def _choice(enum: type[StrEnum], value: Any, name: str) -> Any:
-    try:
-        return enum(value)
-    except ValueError:
-        choices = ", ".join(repr(m.value) for m in enum)
-        raise ValueError(f"Expected `{name}` to be one of {choices}, but got {value!r}.") from None
 
 
 class FederatedDataModule(LightningDataModule):
@@ -195,58 +148,28 @@ class FederatedDataModule(LightningDataModule):
         patient_slice_draw: Literal["tumour", "uniform"] = "tumour",
         sampling_seed: int | None = None,
     ) -> None:
-        mode: PartitionMode = _choice(PartitionMode, partition, "partition")
-        target_: Target = _choice(Target, target, "target")
-        convention: LabelConvention = _choice(LabelConvention, label_convention, "label_convention")
-        policy: SlicePolicy = _choice(SlicePolicy, slice_policy, "slice_policy")
-        if partition_csv is not None and mode not in (PartitionMode.AUTO, PartitionMode.FETS):
-            raise ValueError(
-                f"Expected no `partition_csv` with `partition` {mode.value!r}, but got "
-                f"{partition_csv!r}. HINT: use partition='fets' to split by the CSV."
-            )
-        if mode is PartitionMode.FETS and partition_csv is None:
-            raise ValueError("Expected a `partition_csv` with partition='fets', but got None.")
-        check_int("num_sites", num_sites)
-        if num_heldout is not None and (
-            isinstance(num_heldout, bool)
-            or (isinstance(num_heldout, int) and num_heldout < 0)
-            or (isinstance(num_heldout, float) and not 0.0 <= num_heldout < 1.0)
-        ):
-            raise ValueError(
-                f"Expected `num_heldout` to be a non-negative count or a fraction in [0, 1), but got {num_heldout!r}."
-            )
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"Expected `val_fraction` to be in [0, 1), but got {val_fraction}.")
-        if not dirichlet_alpha > 0:
-            raise ValueError(f"Expected `dirichlet_alpha` to be positive, but got {dirichlet_alpha}.")
-        if isinstance(modalities, str) or not modalities:
-            raise ValueError(f"Expected `modalities` to be a non-empty list, but got {modalities!r}.")
-        chosen = [_choice(Modality, m, "modalities") for m in modalities]
-        if len(set(chosen)) != len(chosen):
-            raise ValueError(f"Expected distinct `modalities`, but got {list(modalities)}.")
-        if crop_size is not None:
-            check_int("crop_size", crop_size)
-        check_int("batch_size", batch_size)
-        check_int("num_workers", num_workers, minimum=0)
-        if synthetic_subjects is not None:
-            check_int("synthetic_subjects", synthetic_subjects)
-        if len(synthetic_shape) != 3 or any(
-            isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in synthetic_shape
-        ):
-            raise ValueError(f"Expected `synthetic_shape` to be 3 positive integers, but got {synthetic_shape}.")
-        if sites is not None and (not sites or len(set(sites)) != len(sites)):
-            raise ValueError(f"Expected `sites` to name distinct sites, but got {sites!r}.")
-        if leave_out is not None and (
-            isinstance(leave_out, str) or not leave_out or len(set(leave_out)) != len(leave_out)
-        ):
-            raise ValueError(f"Expected `leave_out` to be a list of distinct sites, but got {leave_out!r}.")
-        if patient_sample_rate is not None and not 0.0 < patient_sample_rate <= 1.0:
-            raise ValueError(f"Expected `patient_sample_rate` in (0, 1], but got {patient_sample_rate!r}.")
-        check_int("slices_per_patient", slices_per_patient)
-        if patient_slice_draw not in ("tumour", "uniform"):
-            raise ValueError(
-                f"Expected `patient_slice_draw` to be 'tumour' or 'uniform', but got {patient_slice_draw!r}."
-            )
+        mode, target_, convention, policy, chosen = check_arguments(
+            partition=partition,
+            partition_csv=partition_csv,
+            num_sites=num_sites,
+            num_heldout=num_heldout,
+            val_fraction=val_fraction,
+            dirichlet_alpha=dirichlet_alpha,
+            modalities=modalities,
+            target=target,
+            label_convention=label_convention,
+            crop_size=crop_size,
+            slice_policy=slice_policy,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            synthetic_subjects=synthetic_subjects,
+            synthetic_shape=synthetic_shape,
+            sites=sites,
+            leave_out=leave_out,
+            patient_sample_rate=patient_sample_rate,
+            slices_per_patient=slices_per_patient,
+            patient_slice_draw=patient_slice_draw,
+        )
         super().__init__()
         self.save_hyperparameters()
         self.patient_sample_rate = patient_sample_rate
@@ -284,6 +207,7 @@ class FederatedDataModule(LightningDataModule):
         self._predict_cases: dict[str, Case] | None = None
         self._cached: dict[tuple[str, str], CachedCase] = {}
         self._num_samples: dict[str, int] = {}  # site_num_samples, counted once per site
+        self._fit_training_sites: list[str] | None = None
 
     # ------------------------------------------------------------------ partition
     @property
@@ -345,103 +269,20 @@ class FederatedDataModule(LightningDataModule):
         """The site of each loader of :meth:`val_dataloader`: every site, on every process."""
         return self.site_names
 
-    def _heldout(self, default: float) -> int | float:
-        return default if self.num_heldout is None else self.num_heldout
-
     def _make_partition(self) -> Partition:
         root = self.root
         cases = discover_cases(root, self._discovered_modalities, require_seg=True)
         self._cases = {c.case_id: c for c in cases}
-        subjects = sorted(self._cases)
-        mode = self.partition_mode
-        dataset_csv = root / PARTITION_NAME
-        if mode is PartitionMode.AUTO:
-            if self.partition_csv is not None:
-                mode = PartitionMode.FETS
-            elif dataset_csv.is_file():
-                assignment = read_site_assignment(dataset_csv)
-                self._check_known(assignment, dataset_csv)
-                fraction = self._fraction(self._heldout(PAPER_HELDOUT_FRACTION), len(assignment))
-                partition = paper_split_by_site(assignment, self.seed, fraction, self.val_fraction)
-                return self._checked(partition)
-            else:
-                mode = PartitionMode.PAPER
-        if mode is PartitionMode.PAPER:
-            self._warn_paper_split(root)
-        if mode is PartitionMode.FETS:
-            assert self.partition_csv is not None
-            csv_path = Path(self.partition_csv).expanduser()
-            try:
-                partition = read_fets_csv(csv_path, self.val_fraction, self.seed, self._heldout(0))
-            except DuplicateSubjectsError as err:  # name the subjects missing on disk in the same message
-                missing = [s for s in err.subjects if s not in self._cases]
-                if not missing:
-                    raise
-                raise ValueError(f"{err} {self._missing_message(missing, csv_path)}") from None
-            self._check_known({s: "" for s in _all_subjects(partition)}, csv_path)
-        elif mode is PartitionMode.PAPER:
-            fraction = self._fraction(self._heldout(PAPER_HELDOUT_FRACTION), len(subjects))
-            partition = paper_split(subjects, self.seed, heldout_fraction=fraction, val_fraction=self.val_fraction)
-        elif mode is PartitionMode.SIMULATED:
-            partition = simulated_split(
-                subjects,
-                self.num_sites,
-                self.seed,
-                self._heldout(PAPER_SIMULATED_HELDOUT / 210),
-                self.val_fraction,
-            )
-        else:
-            sizes = {s: float(self.cache.tumour_volume(self._cases[s])) for s in subjects}
-            partition = dirichlet_split(
-                subjects,
-                sizes,
-                self.num_sites,
-                self.dirichlet_alpha,
-                self.seed,
-                self._heldout(PAPER_SIMULATED_HELDOUT / 210),
-                self.val_fraction,
-            )
-        return self._checked(partition)
-
-    def _warn_paper_split(self, root: Path) -> None:
-        message = (
-            f"partition='paper' on {root}: subjects are split at random into 10 sites with the paper's relative "
-            "sizes (70, 27, 17, 12, 11, 9, 6, 6, 4, 3); this is not the paper's split by institution, which is "
-            "not published per subject. HINT: pass a FeTS partition CSV (`partition_csv`) to split by institution."
+        policy = PartitionPolicy(
+            self.partition_mode,
+            self.partition_csv,
+            self.num_sites,
+            self.num_heldout,
+            self.val_fraction,
+            self.dirichlet_alpha,
+            self.seed,
         )
-        warnings.warn(message, UserWarning, stacklevel=3)
-
-    @staticmethod
-    def _fraction(value: int | float, total: int) -> float:
-        return value if isinstance(value, float) else min(value / max(total, 1), 0.999999)
-
-    def _check_known(self, assignment: dict[str, str], csv_path: Path) -> None:
-        missing = sorted(s for s in assignment if s not in self._cases)
-        if missing:
-            raise ValueError(self._missing_message(missing, csv_path))
-        extra = len(self._cases) - len(assignment)
-        if extra > 0:
-            log.warning("%d case(s) under %s are not in %s; ignored.", extra, self.root, csv_path)
-
-    def _missing_message(self, missing: Sequence[str], csv_path: Path) -> str:
-        shown = ", ".join(sorted(missing)[:10]) + (" ..." if len(missing) > 10 else "")
-        return f"{csv_path}: {len(missing)} subject(s) have no case folder under {self.root}: {shown}."
-
-    def _checked(self, partition: Partition) -> Partition:
-        incomplete = []
-        for subject in _all_subjects(partition):
-            case = self._cases[subject]
-            lacking = [m.value for m in self.modalities if m not in case.images]
-            if case.seg is None:
-                lacking.append("seg")
-            if lacking:
-                incomplete.append(f"{subject} (no {', '.join(lacking)})")
-        if incomplete:
-            raise ValueError(
-                f"Cases under {self.root} lack files: {'; '.join(incomplete[:10])}. "
-                f"HINT: run `lightning-fedseg data check {self.root}`."
-            )
-        return partition
+        return policy.split(root, self._cases, self.modalities, self.cache.tumour_volume)
 
     # ------------------------------------------------------------------ cache
     @override
@@ -475,6 +316,22 @@ class FederatedDataModule(LightningDataModule):
             raise ValueError(f"Expected `sites` among {self.site_names}, but got unknown sites {unknown}.")
         self.sites = sites
 
+    def set_training_sites(self, sites: Sequence[str]) -> None:
+        """The sites that train in the current fit (e.g. the one site of the ``single`` mode).
+
+        The federation strategy calls this once it has placed the sites, before Lightning asks
+        for any loader, so that the fit's start checks and caches only those sites' training
+        cases (see :meth:`train_dataloader`). Without the call, every site of this process
+        counts as training. It holds until the fit ends (:meth:`teardown`).
+        """
+        self._fit_training_sites = [str(s) for s in sites]
+
+    @override
+    def teardown(self, stage: str) -> None:
+        """Forget the fit's :meth:`set_training_sites`; a later fit is told its own."""
+        if stage == "fit":
+            self._fit_training_sites = None
+
     def _site_subjects(self, sites: Iterable[str], split: str) -> list[Case]:
         chosen = [getattr(self.partition.sites[s], split) for s in sites]
         return [self._cases[subject] for subjects in chosen for subject in subjects]
@@ -498,56 +355,23 @@ class FederatedDataModule(LightningDataModule):
         return self._predict_cases
 
     def _cache_cases(self, cases: Sequence[Case], group: str = "train") -> list[CachedCase]:
-        """The cache entries of ``cases`` (validating and building the missing ones).
+        """The cache entries of ``cases`` (see :func:`~lightning_fedseg.data.case_loading.cache_cases`).
 
         Raises:
             BadCaseError: some cases fail validation and ``skip_bad_cases`` is off; the report
                 names every problem of every such case.
         """
-        todo = [c for c in cases if (group, c.case_id) not in self._cached and c.case_id not in self.skipped_cases]
-        found: dict[str, CachedCase | BadCaseError | None] = {c.case_id: self.cache.lookup(c) for c in todo}
-        missing = [c for c in todo if found[c.case_id] is None]
-        if missing:
-            rank_zero_info(
-                f"Checking and preprocessing {len(missing)} case(s) into {self.cache.cache_dir} "
-                "(NIfTI is decoded once; later epochs and runs read the cache)."
-            )
-            threads = min(len(missing), max(1, self.num_workers))
-            with ThreadPoolExecutor(threads) as pool:
-                built = pool.map(self._build_or_report, missing)
-                found.update({c.case_id: e for c, e in zip(missing, built, strict=True)})
-        bad = [entry for entry in found.values() if isinstance(entry, BadCaseError)]
-        if bad:
-            report = CheckReport([p for err in bad for p in err.report.problems], len(bad), self.root)
-            if not self.skip_bad_cases:
-                raise BadCaseError(
-                    report,
-                    f"fix these files (`lightning-fedseg data check {self.root}` lists every bad case), "
-                    "or set `skip_bad_cases: true` to leave them out.",
-                )
-            for case_id in report.bad_case_ids:
-                self.skipped_cases[case_id] = CheckReport(
-                    [p for p in report.problems if p.case_id == case_id], 1, self.root
-                )
-            warnings.warn(
-                f"skip_bad_cases: leaving out {len(report.bad_case_ids)} case(s) that fail validation: "
-                f"{', '.join(report.bad_case_ids)}.\n{report.format()}",
-                UserWarning,
-                stacklevel=2,
-            )
-        for case in todo:
-            entry = found[case.case_id]
-            if isinstance(entry, CachedCase):
-                if entry.has_labels:
-                    entry.check_labels(self.label_convention)
-                self._cached[(group, case.case_id)] = entry
-        return [self._cached[(group, c.case_id)] for c in cases if c.case_id not in self.skipped_cases]
-
-    def _build_or_report(self, case: Case) -> CachedCase | BadCaseError:
-        try:
-            return self.cache.build(case)
-        except BadCaseError as err:
-            return err
+        return cache_cases(
+            self.cache,
+            cases,
+            group,
+            self._cached,
+            self.skipped_cases,
+            root=self.root,
+            num_workers=self.num_workers,
+            skip_bad_cases=self.skip_bad_cases,
+            label_convention=self.label_convention,
+        )
 
     # ------------------------------------------------------------------ datasets
     def _require_local(self, site: str) -> None:
@@ -560,12 +384,10 @@ class FederatedDataModule(LightningDataModule):
             )
 
     def _dataset(self, cases: Sequence[Case], group: str, training: bool, with_target: bool = True) -> SliceDataset:
-        cached = self._cache_cases(cases, group)
-        if training:
-            slices = [c.slices(self.slice_policy, self.seed) for c in cached]
-        else:
-            slices = [np.arange(c.num_slices, dtype=np.int64) for c in cached]
-        return SliceDataset(cached, slices, self.target, self.label_convention, with_target)
+        policy = self.slice_policy if training else None
+        return slice_dataset(
+            self._cache_cases(cases, group), self.target, self.label_convention, policy, self.seed, with_target
+        )
 
     def site_train_dataset(self, site: str) -> SliceDataset:
         """The training slices of ``site`` (per ``slice_policy``)."""
@@ -578,13 +400,7 @@ class FederatedDataModule(LightningDataModule):
         return self._dataset(self._site_subjects([site], "val"), "train", training=False)
 
     def _loader(self, dataset: SliceDataset, shuffle: bool, persistent: bool) -> DataLoader[Batch]:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=persistent and self.num_workers > 0,
-        )
+        return slice_loader(dataset, self.batch_size, self.num_workers, shuffle, persistent)
 
     def site_train_dataloader(self, site: str) -> DataLoader[Batch]:
         """Shuffled training slices of ``site`` (a ``RandomSampler`` with no generator set), or with
@@ -608,22 +424,12 @@ class FederatedDataModule(LightningDataModule):
                 " HINT: set `data.init_args.patient_sample_rate` (e.g. 0.1)."
             )
         dataset = self.site_train_dataset(site) if dataset is None else dataset
-        indices = np.arange(len(dataset))
-        patients = [indices[dataset.case_index == i] for i in range(len(dataset.cases))]
-        tumour: list[npt.NDArray[np.bool_]] | None = []
-        for i, case in enumerate(dataset.cases):
-            if case.tumour_slices is None or tumour is None:
-                tumour = None
-                continue
-            flags = np.asarray(case.tumour_slices, dtype=bool)
-            tumour.append(flags[dataset.z_index[dataset.case_index == i]])
-        return PatientPoissonSampler(
-            patients,
-            tumour,
+        return patient_sampler(
+            dataset,
             self.patient_sample_rate,
             self.slices_per_patient,
             self.patient_slice_draw,
-            seed=self.sampling_seed,
+            self.sampling_seed,
             stream=self.site_names.index(site),
         )
 
@@ -670,28 +476,20 @@ class FederatedDataModule(LightningDataModule):
                 self._site_subjects(self._training_sites(), "train") + self._site_subjects(self.local_site_names, "val")
             )
         cases = self._site_subjects(self.local_site_names, "train")
-        dataset = LazySliceDataset(lambda: self._dataset(cases, "train", True))
-        kwargs = self._distributed_sampler_kwargs()
-        sampler = DeferredRandomSampler(dataset) if kwargs is None else DeferredDistributedSampler(dataset, **kwargs)
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        build = partial(self._dataset, cases, "train", True)
+        return pooled_train_loader(build, self.batch_size, self.num_workers, self._distributed_sampler_kwargs())
 
     def _trainer_fitting(self) -> bool:
         trainer = self.trainer
         return trainer is not None and bool(getattr(getattr(trainer, "state", None), "fn", None) == "fit")
 
     def _training_sites(self) -> list[str]:
-        """The local sites that train in this fit: one for a ``single`` strategy mode, else all."""
-        mode = getattr(getattr(self.trainer, "strategy", None), "mode", None)
-        site = getattr(mode, "site", None)
-        if getattr(mode, "name", None) == "single" and site in self.local_site_names:
-            return [str(site)]
-        return self.local_site_names
+        """The local sites that train in this fit (:meth:`set_training_sites`), else all local sites."""
+        local = self.local_site_names
+        if self._fit_training_sites is None:
+            return local
+        # A process that trains none of its sites checks them all at the fit's start, as it always has.
+        return [s for s in local if s in self._fit_training_sites] or local
 
     def _distributed_sampler_kwargs(self) -> dict[str, Any] | None:
         """What Lightning would give the ``DistributedSampler`` it injects, or ``None`` if it would not."""
@@ -780,31 +578,5 @@ class FederatedDataModule(LightningDataModule):
         Training slices are counted for this process's sites (preprocessing them if needed);
         other sites show ``-``.
         """
-        partition = self.partition
-        local = set(self.local_site_names)
-        by_site = partition.heldout_by_site or {}
-        lines = [
-            "| site | train | val | held-out | training slices |",
-            "|---|---:|---:|---:|---:|",
-        ]
-        totals = [0, 0, 0, 0]
-        for name, split in partition.sites.items():
-            held = len(by_site.get(name, ()))
-            slices = self.site_num_samples(name) if name in local else None
-            totals = [
-                totals[0] + len(split.train),
-                totals[1] + len(split.val),
-                totals[2] + held,
-                totals[3] + (slices or 0),
-            ]
-            shown = "-" if slices is None else str(slices)
-            lines.append(f"| {name} | {len(split.train)} | {len(split.val)} | {held} | {shown} |")
-        unassigned = len(partition.heldout) - totals[2]
-        if unassigned:
-            lines.append(f"| (no site) | 0 | 0 | {unassigned} | - |")
-        lines.append(f"| total | {totals[0]} | {totals[1]} | {len(partition.heldout)} | {totals[3]} |")
-        return "\n".join(lines)
-
-
-def _all_subjects(partition: Partition) -> list[str]:
-    return [s for split in partition.sites.values() for s in split.subjects] + list(partition.heldout)
+        slices = {site: self.site_num_samples(site) for site in self.local_site_names}
+        return partition_table(self.partition, slices)

@@ -140,6 +140,11 @@ class CollaborationMode(ABC):
             raise ValueError(f"The `{self.name}` mode needs at least one site, but the data has none.")
         self.sites = tuple(sites)
 
+    @property
+    def training_sites(self) -> tuple[str, ...]:
+        """The sites that may train in some round of this collaboration (every site by default)."""
+        return self.sites
+
     @abstractmethod
     def plan(self, round_idx: int) -> RoundPlan:
         """The site tasks of round ``round_idx`` (0-based)."""
@@ -207,6 +212,10 @@ class SingleSite(CollaborationMode):
 
     def plan(self, round_idx: int) -> RoundPlan:
         return RoundPlan((SiteTask(str(self.site), 1),), Aggregation.CHAIN)
+
+    @property
+    def training_sites(self) -> tuple[str, ...]:
+        return (str(self.site),)
 
     def __repr__(self) -> str:
         return f"SingleSite(site={self.site!r})"

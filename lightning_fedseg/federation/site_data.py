@@ -15,7 +15,9 @@ class SiteDataModule(Protocol):
     ``train_dataloader()`` (the pooled data) is used by the ``cds`` mode only. Optional:
     ``site_num_samples(site) -> int`` (the FedAvg weight; default ``len(loader.dataset)``) and
     ``restrict_sites(sites)`` (on torch.distributed, called with the sites of this rank before
-    any dataloader is requested, so that a rank never materializes another site's samples).
+    any dataloader is requested, so that a rank never materializes another site's samples) and
+    ``set_training_sites(sites)`` (the sites that train in this fit, e.g. the one site of ``single``,
+    told before any dataloader is requested).
     """
 
     site_names: Sequence[str]

@@ -245,6 +245,8 @@ class FederatedStrategy(FederatedProcesses):
             for step in self.clients:
                 step.setup(self.module, sites)
         self.placement = self.place_sites(sites, datamodule) if self.federated else dict.fromkeys(sites, 0)
+        if hasattr(datamodule, "set_training_sites"):  # e.g. `single`: only its site's cases are read
+            datamodule.set_training_sites(self.mode.training_sites)
         transport = self.make_transport(self.placement)
         self._transport = transport
         self.engine = RoundEngine(
