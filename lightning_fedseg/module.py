@@ -1,24 +1,8 @@
 """The segmentation LightningModule: an smp network, the paper's log-Dice loss, BraTS metrics.
 
-Loss. The paper trains on ``log(|P| + |T| + 1) - log(2|P∩T| + 1)``. smp's
-``DiceLoss(log_loss=True, smooth=s)`` computes ``-log((I + s) / (I + (|P| - I)/2 + (|T| - I)/2 +
-s)) = log(|P| + |T| + 2s) - log(2I + 2s)`` with ``I = (|P| + |T| - ||P - T||_1) / 2``, which is
-``Σ p·t`` for a 0/1 target. So ``smooth=0.5`` (our default ``dice_smooth``) gives the paper's
-formula exactly, and smp's ``smooth=1`` would give ``log(|P|+|T|+2) - log(2I+2)``. The sums run
-over the whole batch and image per channel (one "batch Dice" per channel, then the channel mean).
-The paper does not say over what it sums: the authors' group's Keras U-Net (IntelAI/unet,
-``dice_coef_loss``) also flattens the batch, while OpenFL's ``tf_2dunet`` averages per-slice log
-terms and trains with smoothing 32. One difference remains: smp sets a channel's loss to 0 when
-the batch holds no foreground for it, where the paper's formula gives ``log(|P| + 1)`` and still
-punishes false positives; with the paper's batches of 64 shuffled slices that practically never
-happens.
-
-The loss unit (``loss_unit``) says over what the log Dice is taken: ``batch`` (the above, the
-default), ``slice`` (one log Dice per slice, averaged over the batch's slices) or ``patient`` (one
-log Dice over each patient's slices of the batch, averaged over the batch's patients). Only the
-last two decompose over patients, which differentially private training needs (see
-:mod:`lightning_fedseg.federation.patient_dp`); ``normalization`` swaps the network's batch norm for
-group or instance norm for the same reason (:mod:`lightning_fedseg.normalization`).
+The network comes from smp's registry (:mod:`lightning_fedseg.networks`), the loss is the paper's
+log Dice, per batch, slice or patient (:mod:`lightning_fedseg.losses`), and validation and test
+score each patient's reassembled volume with the BraTS metrics (:mod:`lightning_fedseg.metrics`).
 """
 
 from __future__ import annotations
@@ -40,31 +24,18 @@ from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import BinaryF1Score
 from typing_extensions import override
 
+from lightning_fedseg._hparams import built_by_lightning_cli, is_plain
 from lightning_fedseg._validation import check_int
 from lightning_fedseg.data.conventions import Target, nest_regions
+from lightning_fedseg.losses import LossName, LossUnit, dice_loss, loss_units
 from lightning_fedseg.metrics import AssembledVolume, HausdorffReduction, SliceAssembler, VolumeMetrics
+from lightning_fedseg.networks import build_network
 from lightning_fedseg.normalization import Normalization, replace_batch_norm
-from lightning_fedseg.plotting import overlay_figure
+from lightning_fedseg.validation_examples import ExampleSlices
 
 __all__ = ["BrainTumorSegmentation", "LossName", "LossUnit", "build_network", "paper_adam"]
 
-_PLAIN_TYPES = (type(None), bool, int, float, str)
 _E = TypeVar("_E", bound=StrEnum)
-
-
-class LossName(StrEnum):
-    """Training loss: the paper's log Dice, optionally plus binary cross-entropy."""
-
-    DICE = "dice"
-    DICE_BCE = "dice_bce"
-
-
-class LossUnit(StrEnum):
-    """Over what one log Dice is taken: the whole batch, each slice, or each patient's slices."""
-
-    BATCH = "batch"
-    SLICE = "slice"
-    PATIENT = "patient"
 
 
 def paper_adam(params: Iterable[Any]) -> Optimizer:
@@ -78,84 +49,6 @@ def _parse_enum(enum_type: type[_E], value: _E | str, name: str) -> _E:
     except ValueError:
         choices = [member.value for member in enum_type]
         raise ValueError(f"Expected `{name}` to be one of {choices}, but got {value!r}.") from None
-
-
-def build_network(
-    arch: str,
-    encoder_name: str,
-    in_channels: int,
-    classes: int,
-    encoder_depth: int = 5,
-    decoder_channels: Sequence[int] | None = (256, 128, 64, 32, 16),
-    encoder_weights: str | None = None,
-    **kwargs: Any,
-) -> nn.Module:
-    """Build a network from smp's registry (``smp.create_model``), raw logits out.
-
-    Args:
-        arch: an smp architecture (``"unet"``, ``"unetplusplus"``, ``"fpn"``, ...).
-        encoder_name: an smp encoder, or ``"tu-<timm model>"`` for any timm backbone.
-        in_channels: input channels (modalities).
-        classes: output channels (regions).
-        encoder_depth: number of encoder stages (downsamplings).
-        decoder_channels: decoder widths, one per stage; ``None`` for architectures without it.
-        encoder_weights: pretrained weights to download (e.g. ``"imagenet"``); ``None`` for none.
-        kwargs: passed to the architecture (e.g. ``decoder_attention_type``).
-
-    Raises:
-        KeyError: for an unknown architecture or encoder, listing the valid names.
-
-    Example:
-        >>> net = build_network("unet", "resnet18", 1, 1, encoder_depth=3, decoder_channels=[8] * 3)
-        >>> net(torch.zeros(1, 1, 32, 32)).shape
-        torch.Size([1, 1, 32, 32])
-    """
-    if arch.lower() not in smp.MODEL_ARCHITECTURES_MAPPING:
-        raise KeyError(f"Unknown `arch` {arch!r}; smp's registry has {sorted(smp.MODEL_ARCHITECTURES_MAPPING)}.")
-    if encoder_name.startswith("tu-"):
-        import timm
-
-        if not timm.is_model(encoder_name[3:]):
-            raise KeyError(
-                f"Unknown `encoder_name` {encoder_name!r}: {encoder_name[3:]!r} is not a timm "
-                "model."
-                " HINT: `timm.list_models()` lists the names usable after 'tu-'."
-            )
-    elif encoder_name not in smp.encoders.get_encoder_names():
-        raise KeyError(
-            f"Unknown `encoder_name` {encoder_name!r}; smp's registry has "
-            f"{smp.encoders.get_encoder_names()}, or 'tu-<name>' for any timm model."
-        )
-    if decoder_channels is not None:
-        kwargs["decoder_channels"] = list(decoder_channels)
-    return smp.create_model(
-        arch,
-        encoder_name=encoder_name,
-        encoder_weights=encoder_weights,
-        in_channels=in_channels,
-        classes=classes,
-        encoder_depth=encoder_depth,
-        **kwargs,
-    )
-
-
-def _is_plain(value: Any) -> bool:
-    if isinstance(value, _PLAIN_TYPES):
-        return True
-    if isinstance(value, list | tuple):
-        return all(_is_plain(v) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
-    return False
-
-
-def _built_by_lightning_cli() -> bool:
-    """Whether LightningCLI is instantiating the module (it then hands over the config as given)."""
-    try:
-        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-    except ImportError:  # pragma: no cover - a Lightning without it
-        return False
-    return _given_hyperparameters.get() is not None
 
 
 def _compute_quietly(metric: Metric) -> Any:
@@ -189,9 +82,9 @@ class BrainTumorSegmentation(LightningModule):
         network: any module mapping ``[B, in_channels, H, W]`` to ``[B, K, H, W]`` logits; replaces
             the smp network built from the arguments above.
         model_kwargs: extra keyword arguments for the smp architecture.
-        loss: ``"dice"`` (the paper's log Dice, see the module docstring) or ``"dice_bce"``.
+        loss: ``"dice"`` (the paper's log Dice, see :mod:`lightning_fedseg.losses`) or ``"dice_bce"``.
         loss_unit: ``"batch"`` (one Dice over the batch, the default), ``"slice"`` or ``"patient"``
-            (one per slice or per patient, averaged): see the module docstring.
+            (one per slice or per patient, averaged): see :mod:`lightning_fedseg.losses`.
         normalization: ``"batch"`` (the network as built), ``"group"`` or ``"instance"`` (its
             ``BatchNorm2d`` layers swapped when it is built; see :mod:`lightning_fedseg.normalization`).
         dice_smooth: smp's Dice smoothing; 0.5 reproduces the paper's Laplace smoothing of 1.
@@ -242,13 +135,13 @@ class BrainTumorSegmentation(LightningModule):
         loss_unit = _parse_enum(LossUnit, loss_unit, "loss_unit").value
         normalization = _parse_enum(Normalization, normalization, "normalization").value
         hd95_reduction = _parse_enum(HausdorffReduction, hd95_reduction, "hd95_reduction").value
-        from_cli = _built_by_lightning_cli()
+        from_cli = built_by_lightning_cli()
         # Under LightningCLI the hyperparameters are the config as given (class_path dicts), which
         # rebuild everything, a custom network included. Built in Python, an nn.Module network or
         # a function optimizer cannot be stored: pass them again to `load_from_checkpoint`.
         self.save_hyperparameters(ignore=None if from_cli else ["network"])
         if not from_cli:
-            for key in [key for key, value in self.hparams.items() if not _is_plain(value)]:
+            for key in [key for key, value in self.hparams.items() if not is_plain(value)]:
                 self.hparams.pop(key)
 
         self.target = Target(target)
@@ -267,8 +160,7 @@ class BrainTumorSegmentation(LightningModule):
             )
         self.network = replace_batch_norm(network, normalization)
         self.loss_unit = LossUnit(loss_unit)
-        mode = smp.losses.BINARY_MODE if num_classes == 1 else smp.losses.MULTILABEL_MODE
-        self.dice_loss = smp.losses.DiceLoss(mode, log_loss=True, from_logits=True, smooth=dice_smooth)
+        self.dice_loss = dice_loss(num_classes, dice_smooth)
         self.bce_loss = smp.losses.SoftBCEWithLogitsLoss() if loss == LossName.DICE_BCE else None
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
@@ -285,7 +177,7 @@ class BrainTumorSegmentation(LightningModule):
         self.test_loss = MeanMetric()
         self.test_metrics = VolumeMetrics(self.regions, compute_hd95, hd95_reduction=hd95_reduction)
         self._assemblers: dict[int, SliceAssembler] = {}
-        self._examples: list[tuple[float, str, dict[str, Any]]] = []
+        self._examples = ExampleSlices()
 
     # ------------------------------------------------------------------ network and loss
 
@@ -304,17 +196,9 @@ class BrainTumorSegmentation(LightningModule):
                 f"Expected the network output {tuple(logits.shape)} to match the target "
                 f"{tuple(target.shape)} ({len(self.regions)} channels for target={self.target})."
             )
-        if self.loss_unit is LossUnit.BATCH:
+        units = loss_units(self.loss_unit, len(target), case_id)
+        if units is None:
             return self._unit_loss(logits, target)
-        if self.loss_unit is LossUnit.SLICE:
-            units = [[i] for i in range(len(target))]
-        else:
-            if case_id is None or len(case_id) != len(target):
-                raise ValueError("loss_unit='patient' needs the `case_id` of every slice of the batch.")
-            groups: dict[str, list[int]] = {}
-            for i, case in enumerate(case_id):
-                groups.setdefault(str(case), []).append(i)
-            units = list(groups.values())
         if not units:  # an empty batch: nothing to learn, but a loss connected to the graph
             return logits.sum() * 0.0
         return torch.stack([self._unit_loss(logits[idx], target[idx]) for idx in units]).mean()
@@ -395,7 +279,7 @@ class BrainTumorSegmentation(LightningModule):
             self.val_metrics.update(pred, truth, spacing)
             site_metric.update(pred, truth, spacing)
         if self._should_log_images():
-            self._collect_examples(batch, probs, self.val_site_names[dataloader_idx])
+            self._examples.add(batch, probs, self.val_site_names[dataloader_idx], self.threshold, self.log_images)
 
     @override
     def on_validation_epoch_end(self) -> None:
@@ -408,7 +292,8 @@ class BrainTumorSegmentation(LightningModule):
         for name, metric in zip(self.val_site_names, self.val_site_metrics, strict=True):
             self._log_volume_metrics(f"val/{name}", cast(VolumeMetrics, metric))
         if self._should_log_images():
-            self._draw_examples()
+            loggers = [logger for logger in self.loggers if isinstance(logger, TensorBoardLogger)]
+            self._examples.draw(loggers, self.regions, self.global_step)
         self._examples.clear()
 
     # ------------------------------------------------------------------ test and predict
@@ -503,28 +388,3 @@ class BrainTumorSegmentation(LightningModule):
         if self.log_images == 0 or self._trainer is None or self.trainer.sanity_checking:
             return False
         return self.global_rank == 0 and any(isinstance(logger, TensorBoardLogger) for logger in self.loggers)
-
-    def _collect_examples(self, batch: dict[str, Any], probs: Tensor, site: str) -> None:
-        """Keep the ``log_images`` slices with the largest ground-truth area seen this epoch."""
-        areas = batch["target"].flatten(1).sum(1).tolist()
-        for b, area in enumerate(areas):
-            if area <= 0:
-                continue
-            if len(self._examples) == self.log_images and area <= self._examples[-1][0]:
-                continue
-            title = f"{site} {batch['case_id'][b]} z={int(batch['slice_index'][b])}"
-            example = {
-                "image": batch["image"][b, 0].float().cpu().numpy(),
-                "target": batch["target"][b].cpu().numpy() > 0.5,
-                "pred": probs[b].cpu().numpy() > self.threshold,
-            }
-            self._examples.append((area, title, example))
-            self._examples.sort(key=lambda item: -item[0])
-            del self._examples[self.log_images :]
-
-    def _draw_examples(self) -> None:
-        loggers = [logger for logger in self.loggers if isinstance(logger, TensorBoardLogger)]
-        for i, (_, title, example) in enumerate(self._examples):
-            figure = overlay_figure(example["image"], example["target"], example["pred"], title, self.regions)
-            for logger in loggers:
-                logger.experiment.add_figure(f"val/examples/{i}", figure, global_step=self.global_step, close=False)
