@@ -49,7 +49,7 @@ from lightning_fedseg.data.datamodule_args import check_arguments
 from lightning_fedseg.data.partition import Partition, leave_out_sites
 from lightning_fedseg.data.partition_policy import PartitionMode, PartitionPolicy, partition_table
 from lightning_fedseg.data.patient_sampling import EmptyBatchCollate, PatientPoissonSampler
-from lightning_fedseg.data.site_loaders import patient_sampler, pooled_train_loader, slice_dataset, slice_loader
+from lightning_fedseg.data.slice_loaders import patient_sampler, pooled_train_loader, slice_dataset, slice_loader
 from lightning_fedseg.data.slices import SliceDataset
 from lightning_fedseg.data.synthetic import DEFAULT_SHAPE, ensure_synthetic_dataset
 from lightning_fedseg.data.validation import CheckReport
