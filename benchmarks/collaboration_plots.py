@@ -12,7 +12,7 @@ from benchmarks.collaboration_tables import MODE_LABELS, runs_of
 from benchmarks.common import figure, save_figure
 
 if TYPE_CHECKING:
-    from benchmarks.collaboration_modes import Preset
+    from benchmarks.collaboration_presets import Preset
 
 MODE_COLORS = {
     "cds": "black",

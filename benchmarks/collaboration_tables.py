@@ -14,7 +14,7 @@ from benchmarks.common import fmt_mean_std, mean_std
 from benchmarks.convergence import stops_text
 
 if TYPE_CHECKING:
-    from benchmarks.collaboration_modes import Preset
+    from benchmarks.collaboration_presets import Preset
 
 # The paper's results (Sheller et al. 2018): Dice, std (None: best of several runs), % of CDS.
 PAPER_REAL: dict[str, tuple[float, float | None, float]] = {

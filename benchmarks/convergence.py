@@ -223,7 +223,7 @@ class RunFile:
 
 def run_and_save(preset: Any, run: RunFile, folder: Path) -> str:
     """Train and test one run and write its result to ``<folder>/<key>.json``; one line to print."""
-    from benchmarks.collaboration_modes import run_job
+    from benchmarks.collaboration_runs import run_job  # collaboration_runs imports this module
 
     result = {**run_job(preset, run.job, run.data_root), "settings": run.settings, "key": run.key}
     write_json(folder / f"{run.key}.json", result)
@@ -236,7 +236,7 @@ def run_converged(
 ) -> tuple[list[dict[str, Any]], float]:
     """Run the jobs that have no result file in ``folder`` yet; the finished runs of these
     settings (of any split, mode or seed) and the seconds spent warming the data cache."""
-    from benchmarks.collaboration_modes import warm_cache
+    from benchmarks.collaboration_runs import warm_cache
 
     settings = settings_hash(preset)
     runs = [RunFile(job, settings, data_root) for job in jobs]

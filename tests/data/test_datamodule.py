@@ -126,7 +126,8 @@ def test_training_batches_follow_the_contract(dm: FederatedDataModule) -> None:
     for case_id, n in zip(batch["case_id"], batch["num_slices"].tolist(), strict=True):
         assert counts[case_id] == n
     # "brain" policy: the FedAvg weight is the number of brain slices of the training cases.
-    cached = [dm.cache.get(dm._cases[s]) for s in dm.partition.sites["1"].train]
+    cached = dm.site_train_dataset("1").cases  # the cache entries of the training cases
+    assert [c.case_id for c in cached] == list(dm.partition.sites["1"].train)
     assert dm.site_num_samples("1") == sum(sum(c.brain_slices) for c in cached)
     assert dm.site_num_samples("1") == len(loader.dataset)  # type: ignore[arg-type]
 
@@ -359,8 +360,7 @@ def test_slice_policies_change_the_training_slices(
     assert every.site_num_samples("1") == 3 * TINY_SHAPE[2]
     # Balanced: every tumour slice plus as many tumour-free brain slices (if there are enough).
     expected = 0
-    for subject in dm.partition.sites["1"].train:
-        entry = dm.cache.get(dm._cases[subject])
+    for entry in dm.site_train_dataset("1").cases:
         assert entry.tumour_slices is not None
         tumour = sum(entry.tumour_slices)
         free = sum(b and not t for b, t in zip(entry.brain_slices, entry.tumour_slices, strict=True))
