@@ -5,61 +5,52 @@ dataset), splits subjects into sites, validation and held-out sets (see
 :mod:`lightning_fedseg.data.partition`), preprocesses each case once into the
 :class:`~lightning_fedseg.data.cache.VolumeCache` and serves slices from memory maps.
 
-It hands the federation strategy one site's loaders by name (``site_train_dataloader``,
-``site_val_dataloader``, ``site_num_samples``) and Lightning the usual pooled loaders. Batches are
-dicts ``image`` ``[B, C, H, W]`` float32, ``target`` ``[B, K, H, W]`` float32 in {0, 1},
-``case_id`` list of str, ``slice_index`` and ``num_slices`` int64 ``[B]``. Validation, test and
-predict loaders yield every slice of each case, case by case, z ascending.
+It hands the federation strategy one site's loaders by name (the site seam,
+:class:`~lightning_fedseg.data.sites.SiteAccess`) and Lightning the usual pooled loaders; a
+prediction's case is looked up by id (:class:`~lightning_fedseg.data.case_lookup.CaseLookup`).
+Batches are dicts ``image`` ``[B, C, H, W]`` float32, ``target`` ``[B, K, H, W]`` float32 in
+{0, 1}, ``case_id`` list of str, ``slice_index`` and ``num_slices`` int64 ``[B]``. Validation,
+test and predict loaders yield every slice of each case, case by case, z ascending.
 
 ``setup`` only splits subjects (from file names); a case is validated and preprocessed into the
 cache the first time one of its loaders or counts is asked for (for ``fit``, before the first
 training step: Lightning asks for every loader of the round up front). A case that fails
 validation stops the run with every problem of every bad case of that request named, unless
 ``skip_bad_cases`` leaves them out with a warning. The pooled ``train_dataloader`` is lazy: the
-federated modes replace it with their own site loaders, so only ``cds`` ever materializes it. With ``sites=[...]`` or
-:meth:`FederatedDataModule.restrict_sites` a process materializes only those sites (one rank
-per site under torch.distributed): other sites' volumes are never read, so ``site_num_samples``
-and the site loaders are available for the process's own sites only (``site_num_subjects``
-for any site), and ``val_dataloader`` / ``val_loader_names`` / ``train_dataloader`` /
-``test_dataloader`` cover those sites.
+federated modes replace it with their own site loaders, so only ``cds`` ever materializes it.
+A process restricted to some sites (``sites=[...]`` or ``restrict_sites``) reads only their
+volumes (see :mod:`lightning_fedseg.data.sites`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-import numpy.typing as npt
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_fedseg.data.cache import CachedCase, VolumeCache
 from lightning_fedseg.data.case_loading import cache_cases
-from lightning_fedseg.data.cases import Case, CaseReference, discover_cases
-from lightning_fedseg.data.conventions import (
-    MODALITIES,
-    Modality,
-    labels_to_regions,
-)
+from lightning_fedseg.data.case_lookup import CaseLookup
+from lightning_fedseg.data.cases import Case, discover_cases
+from lightning_fedseg.data.conventions import MODALITIES, Modality
 from lightning_fedseg.data.datamodule_args import check_arguments
 from lightning_fedseg.data.partition import Partition, leave_out_sites
-from lightning_fedseg.data.partition_policy import PartitionMode, PartitionPolicy, partition_table
-from lightning_fedseg.data.patient_sampling import EmptyBatchCollate, PatientPoissonSampler
-from lightning_fedseg.data.slice_loaders import patient_sampler, pooled_train_loader, slice_dataset, slice_loader
+from lightning_fedseg.data.partition_policy import PartitionMode, PartitionPolicy
+from lightning_fedseg.data.sites import SiteAccess
+from lightning_fedseg.data.slice_loaders import Batch, pooled_train_loader, slice_dataset, slice_loader
 from lightning_fedseg.data.slices import SliceDataset
 from lightning_fedseg.data.synthetic import DEFAULT_SHAPE, ensure_synthetic_dataset
 from lightning_fedseg.data.validation import CheckReport
 
 __all__ = ["FederatedDataModule", "PartitionMode", "SliceDataset"]
 
-Batch = dict[str, Any]
 
-
-class FederatedDataModule(LightningDataModule):
+class FederatedDataModule(SiteAccess, CaseLookup, LightningDataModule):
     """Sites of 2D slices for federated (and centralized) brain-tumour segmentation.
 
     Args:
@@ -248,27 +239,6 @@ class FederatedDataModule(LightningDataModule):
             self._partition = partition if self.leave_out is None else leave_out_sites(partition, self.leave_out)
         return self._partition
 
-    @property
-    def site_names(self) -> list[str]:
-        """All institutions of the federation, in a fixed order."""
-        return self.partition.site_names
-
-    @property
-    def local_site_names(self) -> list[str]:
-        """The sites this process materializes (``sites``, else all), in site order."""
-        names = self.site_names
-        if self.sites is None:
-            return names
-        unknown = [s for s in self.sites if s not in names]
-        if unknown:
-            raise ValueError(f"Expected `sites` among {names}, but got unknown sites {unknown}.")
-        return [s for s in names if s in self.sites]
-
-    @property
-    def val_loader_names(self) -> list[str]:
-        """The site of each loader of :meth:`val_dataloader`: every site, on every process."""
-        return self.site_names
-
     def _make_partition(self) -> Partition:
         root = self.root
         cases = discover_cases(root, self._discovered_modalities, require_seg=True)
@@ -302,48 +272,11 @@ class FederatedDataModule(LightningDataModule):
         """
         _ = self.local_site_names  # computes the partition and checks `sites`
 
-    def restrict_sites(self, sites: Sequence[str]) -> None:
-        """Materialize only ``sites`` in this process from now on (one rank per site).
-
-        Raises:
-            ValueError: a site is unknown, or none is given.
-        """
-        sites = [str(s) for s in sites]
-        if not sites or len(set(sites)) != len(sites):
-            raise ValueError(f"Expected `sites` to name distinct sites, but got {sites!r}.")
-        unknown = [s for s in sites if s not in self.site_names]
-        if unknown:
-            raise ValueError(f"Expected `sites` among {self.site_names}, but got unknown sites {unknown}.")
-        self.sites = sites
-
-    def set_training_sites(self, sites: Sequence[str]) -> None:
-        """The sites that train in the current fit (e.g. the one site of the ``single`` mode).
-
-        The federation strategy calls this once it has placed the sites, before Lightning asks
-        for any loader, so that the fit's start checks and caches only those sites' training
-        cases (see :meth:`train_dataloader`). Without the call, every site of this process
-        counts as training. It holds until the fit ends (:meth:`teardown`).
-        """
-        self._fit_training_sites = [str(s) for s in sites]
-
     @override
     def teardown(self, stage: str) -> None:
         """Forget the fit's :meth:`set_training_sites`; a later fit is told its own."""
         if stage == "fit":
             self._fit_training_sites = None
-
-    def _site_subjects(self, sites: Iterable[str], split: str) -> list[Case]:
-        chosen = [getattr(self.partition.sites[s], split) for s in sites]
-        return [self._cases[subject] for subjects in chosen for subject in subjects]
-
-    def _heldout_subjects(self) -> list[Case]:
-        if self.leave_out is not None and self.sites is not None:
-            raise ValueError(
-                f"`leave_out` holds out every subject of {self.leave_out}, which no process restricted to "
-                f"`sites` {self.sites} owns. HINT: test in one process without `sites`."
-            )
-        subjects = self.partition.heldout if self.sites is None else self.partition.heldout_of(self.sites)
-        return [self._cases[s] for s in subjects]
 
     def _predict_case_map(self) -> dict[str, Case]:
         if self._predict_cases is None:
@@ -374,90 +307,14 @@ class FederatedDataModule(LightningDataModule):
         )
 
     # ------------------------------------------------------------------ datasets
-    def _require_local(self, site: str) -> None:
-        if site not in self.site_names:
-            raise KeyError(f"Unknown site {site!r}; the sites are {self.site_names}.")
-        if site not in self.local_site_names:
-            raise ValueError(
-                f"Site {site!r} is not materialized in this process (`sites`={self.sites}). "
-                "HINT: each process only reads and counts its own sites' cases."
-            )
-
     def _dataset(self, cases: Sequence[Case], group: str, training: bool, with_target: bool = True) -> SliceDataset:
         policy = self.slice_policy if training else None
         return slice_dataset(
             self._cache_cases(cases, group), self.target, self.label_convention, policy, self.seed, with_target
         )
 
-    def site_train_dataset(self, site: str) -> SliceDataset:
-        """The training slices of ``site`` (per ``slice_policy``)."""
-        self._require_local(site)
-        return self._dataset(self._site_subjects([site], "train"), "train", training=True)
-
-    def site_val_dataset(self, site: str) -> SliceDataset:
-        """Every slice of ``site``'s validation cases, ordered."""
-        self._require_local(site)
-        return self._dataset(self._site_subjects([site], "val"), "train", training=False)
-
     def _loader(self, dataset: SliceDataset, shuffle: bool, persistent: bool) -> DataLoader[Batch]:
         return slice_loader(dataset, self.batch_size, self.num_workers, shuffle, persistent)
-
-    def site_train_dataloader(self, site: str) -> DataLoader[Batch]:
-        """Shuffled training slices of ``site`` (a ``RandomSampler`` with no generator set), or with
-        ``patient_sample_rate``, Poisson-sampled patients (:meth:`site_patient_sampler`)."""
-        if self.patient_sample_rate is None:
-            return self._loader(self.site_train_dataset(site), shuffle=True, persistent=False)
-        dataset = self.site_train_dataset(site)
-        return DataLoader(
-            dataset,
-            batch_sampler=self.site_patient_sampler(site, dataset),
-            collate_fn=EmptyBatchCollate(dataset[0]),
-            num_workers=self.num_workers,
-        )
-
-    def site_patient_sampler(self, site: str, dataset: SliceDataset | None = None) -> PatientPoissonSampler:
-        """The patient-level Poisson sampler of ``site``'s training slices (needs ``patient_sample_rate``);
-        its ``sample_rate`` and ``num_patients`` are the ``q`` and ``N`` of patient-level DP-SGD."""
-        if self.patient_sample_rate is None:
-            raise ValueError(
-                "Expected a `patient_sample_rate` for patient-level sampling, but got None."
-                " HINT: set `data.init_args.patient_sample_rate` (e.g. 0.1)."
-            )
-        dataset = self.site_train_dataset(site) if dataset is None else dataset
-        return patient_sampler(
-            dataset,
-            self.patient_sample_rate,
-            self.slices_per_patient,
-            self.patient_slice_draw,
-            self.sampling_seed,
-            stream=self.site_names.index(site),
-        )
-
-    def site_val_dataloader(self, site: str) -> DataLoader[Batch]:
-        """Every slice of ``site``'s validation cases, case by case, z ascending."""
-        return self._loader(self.site_val_dataset(site), shuffle=False, persistent=False)
-
-    def site_num_subjects(self, site: str) -> int:
-        """Training subjects of ``site``, known for every site without reading any volume.
-
-        A cheap, deterministic size (e.g. to place sites on ranks before restricting them).
-        """
-        if site not in self.site_names:
-            raise KeyError(f"Unknown site {site!r}; the sites are {self.site_names}.")
-        return len(self.partition.sites[site].train)
-
-    def site_num_samples(self, site: str) -> int:
-        """Training slices of ``site``: its FedAvg weight.
-
-        Counting needs the site's volumes (brain and tumour flags), so it is available for this
-        process's sites only and preprocesses them into the cache if needed; use
-        :meth:`site_num_subjects` for a size of any site.
-        """
-        self._require_local(site)
-        if site not in self._num_samples:  # the FedAvg weight of every round: counted once
-            cached = self._cache_cases(self._site_subjects([site], "train"))
-            self._num_samples[site] = int(sum(len(c.slices(self.slice_policy, self.seed)) for c in cached))
-        return self._num_samples[site]
 
     @override
     def train_dataloader(self) -> DataLoader[Batch]:
@@ -482,14 +339,6 @@ class FederatedDataModule(LightningDataModule):
     def _trainer_fitting(self) -> bool:
         trainer = self.trainer
         return trainer is not None and bool(getattr(getattr(trainer, "state", None), "fn", None) == "fit")
-
-    def _training_sites(self) -> list[str]:
-        """The local sites that train in this fit (:meth:`set_training_sites`), else all local sites."""
-        local = self.local_site_names
-        if self._fit_training_sites is None:
-            return local
-        # A process that trains none of its sites checks them all at the fit's start, as it always has.
-        return [s for s in local if s in self._fit_training_sites] or local
 
     def _distributed_sampler_kwargs(self) -> dict[str, Any] | None:
         """What Lightning would give the ``DistributedSampler`` it injects, or ``None`` if it would not."""
@@ -545,38 +394,3 @@ class FederatedDataModule(LightningDataModule):
         with_target = all(c.seg is not None for c in cases)
         dataset = self._dataset(cases, "predict", False, with_target)
         return self._loader(dataset, shuffle=False, persistent=False)
-
-    def case_reference(self, case_id: str) -> CaseReference:
-        """Where a prediction of ``case_id`` goes back to: reference NIfTI, full shape, crop."""
-        for group, cases in (("predict", self._predict_cases or {}), ("train", self._cases)):
-            if case_id in cases:
-                cached = self._cached.get((group, case_id))
-                return cached.reference() if cached else self.cache.reference(cases[case_id])
-        raise KeyError(f"Unknown case {case_id!r}.")
-
-    def full_target(self, case_id: str) -> npt.NDArray[np.bool_]:
-        """Ground-truth region masks ``[K, X, Y, Z]`` of a loaded case on its full, uncropped grid.
-
-        Tumour outside the crop is included, so metrics on it equal an evaluation of the written
-        prediction files against the segmentation files.
-
-        Raises:
-            KeyError: the case has not been loaded by any loader of this data module.
-            ValueError: the case has no segmentation.
-        """
-        entry = next((e for (_, cid), e in self._cached.items() if cid == case_id), None)
-        if entry is None:
-            raise KeyError(f"Case {case_id!r} has not been loaded by this data module.")
-        labels = entry.full_labels()
-        if labels is None:
-            raise ValueError(f"Case {case_id!r} has no segmentation.")
-        return labels_to_regions(labels, self.target, self.label_convention)
-
-    def describe(self) -> str:
-        """A markdown table: subjects per site (train, val, held-out) and training slices.
-
-        Training slices are counted for this process's sites (preprocessing them if needed);
-        other sites show ``-``.
-        """
-        slices = {site: self.site_num_samples(site) for site in self.local_site_names}
-        return partition_table(self.partition, slices)
