@@ -19,7 +19,7 @@ venv: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml requirements-torch.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -r requirements-torch.txt
-	$(BIN)/python -m pip install -q -c requirements-torch.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q -c requirements-torch.txt -e '.[dev,flare]'
 	touch $(STAMP)
 
 # The floor environment reuses .venv's packages (a .pth file adds its site-packages, after its own)

@@ -20,6 +20,7 @@ __all__ = ["FedSegCLI", "main"]
 
 EXTRA_SUBCOMMANDS = {
     "synth": "Write the synthetic multi-institution data set (BraTS layout, real NIfTI files).",
+    "deploy": "Across institutions over NVIDIA FLARE: provision | start KIT | submit (see docs/deployment.md).",
     "data": "Data utilities: `data check ROOT` validates every case of a BraTS/FeTS folder.",
 }
 
@@ -152,6 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _synth(args[1:])
     if args and args[0] == "data":
         return _data(args[1:])
+    if args and args[0] == "deploy":
+        from lightning_fedseg.deploy.cli import main as deploy_main
+
+        return deploy_main(args[1:])
     if not args or args[0] in ("-h", "--help"):
         extra = "\n".join(f"  {name:<10} {text}" for name, text in EXTRA_SUBCOMMANDS.items())
         with contextlib.suppress(SystemExit):

@@ -19,10 +19,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from torch import nn
 from typing_extensions import override
 
+from lightning_fedseg.federation.flare_transport import FlareSession, FlareTransport
 from lightning_fedseg.federation.placement import assign_sites
 from lightning_fedseg.federation.transport import CommStats, DistributedTransport, LocalTransport, Transport
 
@@ -38,10 +39,14 @@ class FederatedProcesses(DDPStrategy):
         **kwargs: as for ``DDPStrategy``.
     """
 
-    def __init__(self, allow_remote: bool = False, **kwargs: Any) -> None:
+    def __init__(self, allow_remote: bool = False, flare_profile: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.allow_remote = allow_remote
+        self.flare_profile = flare_profile
         self._transport: Transport | None = None
+        self._flare: Any = None  # the FLARE session of this fit (`lightning_fedseg.deploy`)
+        self._flare_rank = 0
+        self._fit_done = False
 
     @property
     def federated(self) -> bool:
@@ -58,7 +63,20 @@ class FederatedProcesses(DDPStrategy):
         return self.is_multiprocess
 
     @property
+    def over_flare(self) -> bool:
+        """Whether this fit is one site of a federation whose hub is an NVIDIA FLARE server."""
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        return self.flare_profile is not None and trainer is not None and trainer.state.fn == TrainerFn.FITTING
+
+    @property
+    def spread(self) -> bool:
+        """Whether the sites train on several processes (torch.distributed ranks or FLARE sites)."""
+        return self.is_multiprocess or self.over_flare
+
+    @property
     def federation_rank(self) -> int:
+        if self.over_flare:
+            return self._flare_rank
         return self.global_rank if self.is_multiprocess else 0
 
     @override
@@ -118,10 +136,31 @@ class FederatedProcesses(DDPStrategy):
             return super()._setup_model(model)
         return model
 
+    def federation_sites(self, datamodule: Any) -> tuple[str, ...]:
+        """The federation's sites: the DataModule's; over FLARE, the hub's (this site's among them)."""
+        local = tuple(str(s) for s in datamodule.site_names)
+        if not self.over_flare:
+            return local
+        if self._flare is None:
+            self._flare = FlareSession(str(self.flare_profile), self._timeout)
+            self._flare.start()
+        site = self._flare.site
+        if site not in local:
+            raise ValueError(
+                f"The FLARE attach profile {self.flare_profile!r} names site {site!r}, but the DataModule's sites"
+                f" are {list(local)}."
+            )
+        return tuple(self._flare.sites)
+
     def place_sites(self, sites: Sequence[str], datamodule: Any) -> dict[str, int]:
-        """Sites -> processes: all here in one process; on several, balanced by a size every process
-        knows without reading any site's data (``site_num_subjects``), and the DataModule told which
-        sites this process trains (``restrict_sites``)."""
+        """Sites -> processes: all here in one process; over FLARE, this process is its own site; on
+        several ranks, balanced by a size every process knows without reading any site's data
+        (``site_num_subjects``); the DataModule is told which sites this process trains (``restrict_sites``)."""
+        if self.over_flare:
+            self._flare_rank = sites.index(self._flare.site)
+            if hasattr(datamodule, "restrict_sites"):
+                datamodule.restrict_sites((self._flare.site,))
+            return {s: i for i, s in enumerate(sites)}
         if not self.is_multiprocess:
             return dict.fromkeys(sites, 0)
         sizer = getattr(datamodule, "site_num_subjects", None)
@@ -140,7 +179,10 @@ class FederatedProcesses(DDPStrategy):
             module.load_state_dict(received)
 
     def make_transport(self, placement: Mapping[str, int]) -> Transport:
-        """The transport of this fit: in-process for one process, torch.distributed for several."""
+        """The transport of this fit: in-process for one process, torch.distributed for several, the
+        FLARE hub for a site of a FLARE federation."""
+        if self.over_flare and self._flare is not None:
+            return FlareTransport(placement, self._flare_rank, self._flare)
         if not self.is_multiprocess:
             return LocalTransport(placement)
         backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else "gloo"
@@ -153,6 +195,30 @@ class FederatedProcesses(DDPStrategy):
         if self._transport is None:
             return self.make_transport({})
         return self._transport
+
+    @override
+    def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any = "mean") -> Any:
+        """Over FLARE, Lightning's reductions (``sync_dist`` logging, stop decisions) go through the hub."""
+        transport = self._transport
+        if not (self.over_flare and isinstance(transport, FlareTransport) and isinstance(tensor, torch.Tensor)):
+            return super().reduce(tensor, group, reduce_op)
+        name = str(getattr(reduce_op, "name", reduce_op)).lower()  # a string or torch's ReduceOp
+        mean = name in ("mean", "avg")
+        if not mean and name != "sum":
+            raise ValueError(f"Over FLARE, `reduce` supports 'sum' and 'mean', not {reduce_op!r}.")
+        return transport.reduce(tensor, mean)
+
+    @override
+    def on_train_end(self) -> None:
+        self._fit_done = True
+        super().on_train_end()
+
+    def close_flare(self) -> None:
+        """Detach from the FLARE job: ``done`` after a fit that finished, else only detach."""
+        if self._flare is not None:
+            session, self._flare = self._flare, None
+            session.close(success=self._fit_done)
+        self._fit_done = False
 
     @override
     def broadcast(self, obj: Any, src: int = 0) -> Any:

@@ -184,3 +184,20 @@ def _base_loss_term() -> Any:
     from lightning_fedseg.federation.client_steps import ClientStep
 
     return ClientStep.loss_term
+
+
+def check_flare(mode: CollaborationMode, server: Any) -> None:
+    """Refuse, over an NVIDIA FLARE hub, what has no sound meaning across institutions."""
+    from lightning_fedseg.federation.modes import CDS
+
+    if isinstance(mode, CDS):
+        raise ValueError(
+            "`flare_profile` is set with the cds mode, which pools the institutions' data: it cannot run across"
+            " institutions. HINT: fedavg, iil, ciil or single."
+        )
+    if getattr(server, "needs_site_states", False):
+        raise ValueError(
+            f"`flare_profile` is set with the server step {server!r}, which needs every site's own state: over"
+            " the FLARE hub that would show each institution's weights to every other institution. HINT: a"
+            " mean-based step (FedAvg, FedAvgM, FedAdam, FedYogi, FedAdagrad, DPFedAvg)."
+        )

@@ -34,18 +34,20 @@ from lightning_fedseg.federation.checkpointing import FEDERATION_KEY, Federation
 from lightning_fedseg.federation.client_steps import ClientStep
 from lightning_fedseg.federation.engine import RoundEngine
 from lightning_fedseg.federation.faults import FaultInjector
+from lightning_fedseg.federation.lightning_host import LightningHost
 from lightning_fedseg.federation.modes import CDS, CollaborationMode, FedAvg
 from lightning_fedseg.federation.processes import FederatedProcesses
 from lightning_fedseg.federation.round_hooks import RoundHooks
 from lightning_fedseg.federation.rounds import RoundFailedError, RoundIterable
 from lightning_fedseg.federation.semantics import (
     check_algorithms,
+    check_flare,
     check_sync_batchnorm,
     check_trainer,
     check_training_step,
 )
 from lightning_fedseg.federation.server import FedAvgStep, ServerStep, parameter_keys
-from lightning_fedseg.federation.site_data import SiteDataModule, site_datamodule, site_num_samples
+from lightning_fedseg.federation.site_data import SiteDataModule
 from lightning_fedseg.federation.site_state import SiteStates
 
 __all__ = ["FederatedStrategy", "OptimizerStatePolicy", "RoundFailedError", "SiteDataModule"]
@@ -64,7 +66,7 @@ class _SkipStep(Exception):
     """Raised inside the optimizer closure of a batch that trains nothing, to skip the step."""
 
 
-class FederatedStrategy(FederatedProcesses):
+class FederatedStrategy(LightningHost, FederatedProcesses):
     """Run a collaboration mode (``cds``, ``fedavg``, ``iil``, ``ciil``, ``single``) inside ``fit``.
 
     With one process every site is simulated in turn; launched with several processes (``devices``,
@@ -94,6 +96,10 @@ class FederatedStrategy(FederatedProcesses):
         fault_kind: ``"raise"`` (the site's training raises) or ``"nan"`` (it returns NaN weights).
         allow_remote: acknowledge that torch.distributed traffic is neither encrypted nor
             authenticated; without it, a multi-process run refuses a non-loopback ``MASTER_ADDR``.
+        flare_profile: this process is one institution of a federation whose hub is an NVIDIA FLARE
+            server: the path of its attach profile (``lightning-fedseg deploy provision`` writes it
+            into the site's startup kit). One process and one Trainer for the whole job; see
+            :mod:`lightning_fedseg.federation.flare_transport` and docs/deployment.md.
         timeout: timeout of every collective operation (seconds or ``timedelta``); a dead or hung
             rank makes the others stop with an error after this long.
         process_group_backend: ``"gloo"`` (CPU) or ``"nccl"`` (GPU); default by device.
@@ -116,6 +122,7 @@ class FederatedStrategy(FederatedProcesses):
         fault_probability: float = 0.0,
         fault_kind: str = "raise",
         allow_remote: bool = False,
+        flare_profile: str | None = None,
         timeout: float | timedelta = 1800.0,
         process_group_backend: str | None = None,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
@@ -145,6 +152,7 @@ class FederatedStrategy(FederatedProcesses):
             timeout = timedelta(seconds=float(timeout))
         super().__init__(
             allow_remote=allow_remote,
+            flare_profile=flare_profile,
             timeout=timeout,
             process_group_backend=process_group_backend,
             start_method=start_method,
@@ -211,28 +219,22 @@ class FederatedStrategy(FederatedProcesses):
         callbacks.insert(0, RoundHooks(self.engine, self.federated))
         if self.federated:
             compat.patch_accumulation(trainer, self.engine.local_batch)
-        if self.is_multiprocess and self.federated:
+        if self.spread and self.federated:
             self.sync_initial_weights(self.module, self.engine.transport)
             # A rank evaluates only its own sites: its loaders for other sites are empty.
             self.module.allow_zero_length_dataloader_with_multiple_devices = True
+        if self.is_multiprocess and self.federated:
             compat.skip_per_batch_sigterm_broadcast(trainer)
 
     # ------------------------------------------------------------------ sites and data
-    @property
-    def module(self) -> pl.LightningModule:
-        assert self.lightning_module is not None
-        return self.lightning_module
-
-    def datamodule(self) -> Any:
-        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
-        return site_datamodule(trainer)
-
     def ensure_ready(self) -> None:
         """Place the sites and build the fit's engine, transport and checkpoint part (once per fit)."""
         if self.engine is not None:
             return
         datamodule = self.datamodule()
-        sites = tuple(str(s) for s in datamodule.site_names)
+        if self.over_flare:
+            check_flare(self.mode, self.server)
+        sites = self.federation_sites(datamodule)
         if self.federated and not sites:
             raise ValueError("The DataModule reports no sites (`site_names` is empty).")
         self.mode.setup(sites)
@@ -273,7 +275,7 @@ class FederatedStrategy(FederatedProcesses):
             self.site_states,
             self.local_sites,
             {s: i for i, s in enumerate(sites)},
-            sharded=self.is_multiprocess,
+            sharded=self.spread,
         )
         if self._pending is not None:
             state, path = self._pending
@@ -288,26 +290,6 @@ class FederatedStrategy(FederatedProcesses):
     def local_sites(self) -> tuple[str, ...]:
         """The sites this process trains."""
         return tuple(s for s in self._sites if self.placement.get(s, 0) == self.federation_rank)
-
-    # ------------------------------------------------------------------ the engine's host
-    @property
-    def device(self) -> torch.device:
-        return self.root_device
-
-    def site_train_dataloader(self, site: str) -> Any:
-        return self.datamodule().site_train_dataloader(site)
-
-    def site_weight(self, site: str, loader: Any = None) -> float:
-        return site_num_samples(self.datamodule(), site, loader)
-
-    def call_site_hook(self, name: str, site: str, round_idx: int) -> None:
-        """Call ``on_site_start`` / ``on_site_end(trainer, pl_module, site, round_idx)`` on the
-        callbacks that define them: at ``on_site_end`` the module holds the site's trained weights."""
-        trainer = self.module.trainer
-        for callback in trainer.callbacks:  # type: ignore[attr-defined]
-            hook = getattr(callback, name, None)
-            if callable(hook):
-                hook(trainer, self.module, site, round_idx)
 
     # ------------------------------------------------------------------ training hooks
     @override
@@ -409,6 +391,7 @@ class FederatedStrategy(FederatedProcesses):
             compat.unpatch_accumulation(trainer)
         if self.engine is not None:
             self.engine.clear()
+        self.close_flare()
         super().teardown()
 
     @classmethod

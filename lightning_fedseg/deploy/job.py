@@ -1,0 +1,126 @@
+"""The FLARE job of a study: configuration only, built from the study's YAML; and its submission.
+
+A job names the controller (:class:`~lightning_fedseg.deploy.controller.FederatedController`,
+with the sites, the package version and the exchange timeout) and, for every site, FLARE's
+``ClientAPIExecutor`` in attach mode. It carries no code: every party runs the pip-installed
+package, and the controller and every site refuse a version other than the job's.
+
+The study's YAML decides what can run across institutions; :func:`check_study` refuses, naming
+the key, what has no sound meaning over the hub: ``cds`` (it pools the institutions' data) and
+server steps that need every site's own state (they would show each institution's weights to the
+others through the hub).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["check_study", "submit", "write_job"]
+
+
+def _class(spec: Any) -> type | None:
+    path = spec.get("class_path") if isinstance(spec, Mapping) else spec
+    if not isinstance(path, str):
+        return None
+    if "." not in path:
+        path = f"lightning_fedseg.{path}"
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name, None)
+
+
+def check_study(config: str | Path) -> dict[str, Any]:
+    """The strategy's ``init_args`` of the study at ``config``, after refusing what FLARE cannot run."""
+    path = Path(config)
+    study = yaml.safe_load(path.read_text()) or {}
+    strategy = ((study.get("trainer") or {}).get("strategy")) or {}
+    args = dict(strategy.get("init_args") or {}) if isinstance(strategy, Mapping) else {}
+    mode = _class(args.get("mode"))
+    if mode is not None and mode.__name__ == "CDS":
+        raise ValueError(
+            f"{str(path)!r}: `trainer.strategy.init_args.mode` is cds, which pools the institutions' data;"
+            " it cannot run across institutions."
+        )
+    server = _class(args.get("server"))
+    if server is not None and getattr(server, "needs_site_states", False):
+        raise ValueError(
+            f"{str(path)!r}: `trainer.strategy.init_args.server` is {server.__name__}, which needs every site's own"
+            " state; over the FLARE hub that would show each institution's weights to every other. HINT: a"
+            " mean-based step (FedAvg, FedAdam, ..., DPFedAvg) or torch.distributed inside one trusted network."
+        )
+    return args
+
+
+def write_job(out: str | Path, sites: Sequence[str], timeout: float = 1800.0, name: str = "lightning_fedseg") -> Path:
+    """Write the job folder ``out/name`` for ``sites``; returns it."""
+    from lightning_fedseg import __version__
+    from lightning_fedseg.deploy.provision import ATTACH_ID
+
+    job = Path(out).resolve() / name
+    config = job / "app" / "config"
+    config.mkdir(parents=True, exist_ok=True)
+    meta = {"name": name, "resource_spec": {}, "min_clients": len(sites), "deploy_map": {"app": ["@ALL"]}}
+    server = {
+        "format_version": 2,
+        "server": {"heart_beat_timeout": 600, "task_request_interval": 0.05},
+        "task_data_filters": [],
+        "task_result_filters": [],
+        "components": [],
+        "workflows": [
+            {
+                "id": "fedseg",
+                "path": "lightning_fedseg.deploy.controller.FederatedController",
+                "args": {"sites": list(sites), "version": __version__, "exchange_timeout": float(timeout)},
+            }
+        ],
+    }
+    executor = {
+        "path": "nvflare.app_common.executors.client_api_executor.ClientAPIExecutor",
+        "args": {
+            "execution_mode": "attach",
+            "attach_id": ATTACH_ID,
+            "attach_timeout": float(timeout),
+            "task_wait_timeout": float(timeout),
+            "params_exchange_format": "numpy",
+            "server_expected_format": "numpy",
+        },
+    }
+    client = {
+        "format_version": 2,
+        "executors": [{"tasks": ["*"], "executor": executor}],
+        "task_data_filters": [],
+        "task_result_filters": [],
+        "components": [],
+    }
+    for file, content in (
+        (job / "meta.json", meta),
+        (config / "config_fed_server.json", server),
+        (config / "config_fed_client.json", client),
+    ):
+        file.write_text(json.dumps(content, indent=2) + "\n")
+    return job
+
+
+def submit(job: str | Path, admin_kit: str | Path, wait: float | None = None) -> tuple[str, str | None]:
+    """Submit ``job`` with the coordinator's admin kit; with ``wait``, follow it until it ends (or
+    ``wait`` seconds pass). Returns ``(job id, final status or None)``."""
+    from nvflare.fuel.flare_api.flare_api import new_secure_session
+
+    from lightning_fedseg.deploy.provision import FEDERATION_FILE
+
+    kit = Path(admin_kit).resolve()
+    federation = json.loads((kit / "local" / FEDERATION_FILE).read_text())
+    session = new_secure_session(federation["admin"], str(kit))
+    try:
+        job_id = str(session.submit_job(str(Path(job).resolve())))
+        if wait is None:
+            return job_id, None
+        session.monitor_job(job_id, timeout=wait, poll_interval=0.5)
+        return job_id, str(session.get_job_meta(job_id).get("status"))
+    finally:
+        session.close()

@@ -1,0 +1,204 @@
+"""One institution's side of a federation whose hub is an NVIDIA FLARE server.
+
+The institution runs the ordinary ``lightning-fedseg fit --config <study.yaml>`` with
+``trainer.strategy.init_args.flare_profile`` naming its FLARE attach profile: one process and one
+Trainer for the whole job. The process attaches to the institution's own FLARE client (Client API
+attach mode: ``nvflare.client.init``), which dials out to the FLARE server over mutually
+authenticated TLS with the certificate its startup kit was provisioned with; nothing dials in.
+
+Every collective of the :class:`~lightning_fedseg.federation.transport.Transport` is one exchange
+with the hub (:class:`~lightning_fedseg.deploy.controller.FederatedController`): the site sends its
+array with ``nvflare.client.send`` and receives the combined array as the next task
+(``nvflare.client.receive``). So the FedAvg sum, IIL/CIIL's hand-overs, DP-FedAvg's noised sums,
+pairwise masking's key exchange and masked sums, the round's metrics and flags all travel the same
+way as over torch.distributed, and a FLARE run equals the simulation for the same YAML and seeds.
+
+Decisions:
+
+* **The federation's sites are the hub's.** The controller's first task names the sites (in
+  order) and the package version; the site refuses a version other than its own and a federation
+  that does not name it.
+* **Only arrays cross**, as numpy (FLARE's FOBS serialization, never pickle): weights, weighted
+  sums, counts, flags, public keys, metrics.
+* **Every site state over every site is refused**: rules that need each site's own state (Krum,
+  the median, ...) would show each institution's weights to every other institution through the
+  hub; they are refused at setup.
+* **End.** After ``fit`` the site sends ``done``; the controller ends the job when every site has.
+  A site that stops early (an error, an abort) only detaches: the controller's timeout then ends
+  the job for everyone, and each site's last round checkpoint is intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lightning_fedseg.federation.transport import CommStats, Transport
+
+__all__ = ["FLARE_PREFIX", "FlareSession", "FlareTransport", "flare_client_name"]
+
+FLARE_PREFIX = "site-"
+
+
+def flare_client_name(site: str) -> str:
+    """The FLARE client name of an institution (FLARE reads a name of digits only as a number).
+
+    Example:
+        >>> flare_client_name("1")
+        'site-1'
+    """
+    return f"{FLARE_PREFIX}{site}"
+
+
+class FlareSession:
+    """The attached Client API session of one site: the exchanges, in order.
+
+    Args:
+        profile: the site's attach profile (JSON written by ``lightning-fedseg deploy provision``).
+        timeout: how long to wait for the hub's answer to one exchange.
+    """
+
+    def __init__(self, profile: str | Path, timeout: timedelta | None = None) -> None:
+        self.profile = Path(profile)
+        if not self.profile.is_file():
+            raise FileNotFoundError(f"The FLARE attach profile {str(self.profile)!r} does not exist.")
+        self.site = str(json.loads(self.profile.read_text())["site_name"]).removeprefix(FLARE_PREFIX)
+        self.timeout = timeout
+        self.seq = 0
+        self.what = ""
+        self.round = -1
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._flare: Any = None
+        self.sites: list[str] = []
+        self.job_id = ""
+
+    def start(self) -> list[str]:
+        """Attach to the site's FLARE client and take the controller's first task (blocks until the job runs)."""
+        import nvflare.client as flare
+
+        from lightning_fedseg import __version__
+
+        self._flare = flare
+        flare.init(config_file=str(self.profile))
+        first = self._receive("the job's first task")
+        meta = dict(first.meta or {})
+        self.sites = [str(s) for s in meta.get("sites", [])]
+        self.job_id = str(flare.get_job_id())
+        version = str(meta.get("version"))
+        if version != __version__:
+            self.close(success=False)
+            raise RuntimeError(
+                f"The FLARE job was built by lightning_fedseg {version}, but this site runs"
+                f" {__version__}. HINT: every party installs the same version."
+            )
+        if self.site not in self.sites:
+            self.close(success=False)
+            raise RuntimeError(
+                f"The attach profile {str(self.profile)!r} names site {self.site!r}, but the FLARE job's"
+                f" federation is {self.sites}."
+            )
+        return self.sites
+
+    def _receive(self, what: str) -> Any:
+        timeout = self.timeout.total_seconds() if self.timeout is not None else None
+        model = self._flare.receive(timeout=timeout)
+        if model is None or not self._flare.is_running():
+            raise RuntimeError(f"The FLARE job ended or was aborted while site {self.site!r} waited for {what}.")
+        return model
+
+    def exchange(self, op: str, array: np.ndarray, src: int = -1) -> np.ndarray:
+        """Send this site's ``array`` for ``op`` and return the hub's combination of every site's."""
+        from nvflare.app_common.abstract.fl_model import FLModel
+
+        self.seq += 1
+        meta = {"op": op, "seq": self.seq, "src": src, "site": self.site, "what": self.what, "round": self.round}
+        meta["pid"] = os.getpid()  # so the hub's record shows one trainer process per site for the whole job
+        self._flare.send(FLModel(params={"x": array}, meta=meta))
+        self.bytes_sent += array.nbytes
+        reply = self._receive(f"exchange {self.seq} ({self.what or op})")
+        got = dict(reply.meta or {})
+        if got.get("seq") != self.seq:
+            raise RuntimeError(
+                f"Site {self.site!r} expected the answer to exchange {self.seq}, but the hub answered {got.get('seq')}."
+            )
+        out = np.asarray(reply.params["x"])
+        self.bytes_received += out.nbytes
+        return out
+
+    def close(self, success: bool) -> None:
+        """Say ``done`` (after a successful fit) and detach."""
+        if self._flare is None:
+            return
+        flare, self._flare = self._flare, None
+        try:
+            if success:
+                from nvflare.app_common.abstract.fl_model import FLModel
+
+                self.seq += 1
+                meta = {"op": "done", "seq": self.seq, "src": -1, "site": self.site, "what": "done", "round": -1}
+                meta["pid"] = os.getpid()
+                flare.send(FLModel(params={"x": np.zeros(0)}, meta=meta))
+        finally:
+            flare.shutdown()
+
+
+class FlareTransport(Transport):
+    """The :class:`Transport` of one site over NVIDIA FLARE: every primitive is one exchange with the hub.
+
+    Args:
+        placement: ``{site: index}`` in the federation's order (one site per process).
+        rank: this site's index.
+        session: the attached session.
+    """
+
+    def __init__(self, placement: Mapping[str, int], rank: int, session: FlareSession) -> None:
+        super().__init__(placement, rank, len(placement), session.timeout, torch.device("cpu"))
+        self.session = session
+
+    @property
+    def active(self) -> bool:
+        return True
+
+    def _call(self, stats: CommStats, round_idx: int, what: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        self.session.what, self.session.round = what, round_idx
+        return super()._call(stats, round_idx, what, fn, *args, **kw)
+
+    def _all_reduce(self, flat: Tensor, op: str = "sum") -> None:
+        out = self.session.exchange("max" if op == "max" else "sum", flat.detach().cpu().numpy())
+        flat.copy_(torch.from_numpy(out).to(flat.device))
+
+    def _broadcast(self, flat: Tensor, src: int) -> None:
+        mine = flat.detach().cpu().numpy() if src == self.rank else np.zeros(0, dtype=flat.cpu().numpy().dtype)
+        out = self.session.exchange("broadcast", mine, src)
+        if src != self.rank:
+            flat.copy_(torch.from_numpy(out).to(flat.device))
+
+    def _all_gather(self, flat: Tensor) -> list[Tensor]:
+        out = self.session.exchange("gather", flat.detach().cpu().numpy())
+        return [torch.from_numpy(row).to(flat.device) for row in out]
+
+    def unresponsive_sites(self) -> str:
+        return "a site or the FLARE hub (see the controller's log)"
+
+    def reduce(self, value: Tensor, mean: bool) -> Tensor:
+        """Lightning's ``strategy.reduce`` over the sites (logged metrics with ``sync_dist``, decisions)."""
+        flat = value.detach().reshape(-1).to(torch.float64).cpu().clone()
+        self._call(CommStats(), -1, "reduce of a logged value", self._all_reduce, flat)
+        if mean:
+            flat /= self.world_size
+        return flat.reshape(value.shape).to(value.dtype).to(value.device)
+
+    def close(self, success: bool) -> None:
+        started = time.perf_counter()
+        self.session.close(success)
+        self.close_seconds = time.perf_counter() - started
