@@ -43,12 +43,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -60,6 +57,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import REPO_ROOT, finished, provenance, write_json
+from lightning_fedseg.deploy.local import LocalParties, free_ports
 
 SITES = ("1", "2", "3")
 SUBJECTS = 24
@@ -74,38 +72,6 @@ RECORD_PREFIX = "fedseg exchange: "  # lightning_fedseg.deploy.controller's (imp
 CONTROLLER_RUNS = "a federation of"  # the controller's first log line
 CLIENT_JOINED = "Client: New client {}@"  # FLARE's server log, one line per FLARE client
 PATIENCE = 1200.0  # seconds any one way may take before it is stopped
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free TCP ports on loopback."""
-    sockets = [socket.socket() for _ in range(n)]
-    with contextlib.ExitStack() as stack:
-        for s in sockets:
-            stack.enter_context(s)
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-
-
-class ProcessGroups:
-    """Commands run each in a new process group (a session); :meth:`kill` ends every group by its id."""
-
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self.env = dict(env)
-        self.started: list[subprocess.Popen[bytes]] = []
-
-    def run(self, cmd: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                list(cmd), cwd=REPO_ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        self.started.append(proc)
-        return proc
-
-    def kill(self) -> None:
-        for proc in self.started:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)  # the group's id is the pid of the process we started
-            proc.wait(timeout=60)
 
 
 def environment(work: Path) -> dict[str, str]:
@@ -242,16 +208,16 @@ def history_summary(histories: Mapping[str, Sequence[Mapping[str, Any]]]) -> dic
 # ---------------------------------------------------------------------------------- the three ways
 def run_fit(way: str, label: str, data: Path, work: Path, *extra: str) -> dict[str, Any]:
     """The simulation or torch.distributed: one command, its wall time and rank 0's checkpoint (``label``)."""
-    procs = ProcessGroups(environment(work))
+    procs = LocalParties(environment(work), REPO_ROOT)
     out, log = work / way, work / f"{way}.log"
     shutil.rmtree(out, ignore_errors=True)
     try:
         started = time.perf_counter()
-        proc = procs.run(fit_command(data, out, *extra), log)
+        proc = procs.start(fit_command(data, out, *extra), log)
         ended = wait_all({way: proc}, started + PATIENCE)
         check_exits({way: proc}, {way: log})
     finally:
-        procs.kill()
+        procs.stop()
     return {"fit_seconds": ended[way] - started, "checkpoints": {label: str(last_checkpoint(out))}}
 
 
@@ -266,12 +232,12 @@ def run_flare(data: Path, work: Path) -> dict[str, Any]:
     started = time.perf_counter()
     kits = provision(root / "ws", SITES, fed_port=fed_port, admin_port=admin_port, site_ports=site_ports)
     provision_seconds = time.perf_counter() - started
-    procs = ProcessGroups(environment(work))
+    procs = LocalParties(environment(work), REPO_ROOT)
     server_log = root / "server.log"
     try:
         started = time.perf_counter()
         for name, kit in (("server", kits.server), *kits.sites.items()):
-            procs.run([sys.executable, "-m", "lightning_fedseg", "deploy", "start", str(kit)], root / f"{name}.log")
+            procs.start([sys.executable, "-m", "lightning_fedseg", "deploy", "start", str(kit)], root / f"{name}.log")
         joined = [CLIENT_JOINED.format(f"site-{s}") for s in SITES]
         while not all(j in server_log.read_text(errors="replace") for j in joined):
             if time.perf_counter() > started + PATIENCE:
@@ -284,7 +250,7 @@ def run_flare(data: Path, work: Path) -> dict[str, Any]:
         trainers = {}
         for s in SITES:
             profile = ("--trainer.strategy.init_args.flare_profile", str(kits.attach_profile(s)))
-            trainers[f"trainer {s}"] = procs.run(fit_command(data, root / f"site{s}", *profile), logs[f"trainer {s}"])
+            trainers[f"trainer {s}"] = procs.start(fit_command(data, root / f"site{s}", *profile), logs[f"trainer {s}"])
         submit_at = time.perf_counter()
         logs["submit"] = root / "submit.log"
         submit_cmd = [
@@ -292,7 +258,7 @@ def run_flare(data: Path, work: Path) -> dict[str, Any]:
             str(REPO_ROOT / "configs" / "fedavg.yaml"), "--startup-kit", str(kits.admin),
             "--job-dir", str(root / "job"), "--wait", str(PATIENCE),
         ]  # fmt: skip
-        submit = procs.run(submit_cmd, logs["submit"])
+        submit = procs.start(submit_cmd, logs["submit"])
         controller_at = first_at = None
         while first_at is None and submit.poll() is None:
             text = server_log.read_text(errors="replace")
@@ -310,7 +276,7 @@ def run_flare(data: Path, work: Path) -> dict[str, Any]:
         if "FINISHED:COMPLETED" not in status:
             raise RuntimeError(f"Expected the job to finish COMPLETED, but `deploy submit` said {status!r}.")
     finally:
-        procs.kill()
+        procs.stop()
     records = parse_exchanges(server_log.read_text(errors="replace"))
     return {
         "fit_seconds": max(ended[n] for n in trainers) - fit_started,

@@ -20,6 +20,9 @@ Decisions:
   that does not name it.
 * **Only arrays cross**, as numpy (FLARE's FOBS serialization, never pickle): weights, weighted
   sums, counts, flags, public keys, metrics.
+* **Masking keys are signed.** Each round's public key is signed with the site's provisioned
+  certificate and checked by every peer against the project's CA (:mod:`.signed_keys`), so the
+  hub relays the key exchange but cannot substitute a key.
 * **Every site state over every site is refused**: rules that need each site's own state (Krum,
   the median, ...) would show each institution's weights to every other institution through the
   hub; they are refused at setup.
@@ -33,16 +36,19 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from lightning_fedseg.federation.transport import CommStats, Transport
+
+if TYPE_CHECKING:
+    from lightning_fedseg.federation.signed_keys import SiteIdentity
 
 __all__ = ["FLARE_PREFIX", "FlareSession", "FlareTransport", "flare_client_name"]
 
@@ -135,6 +141,18 @@ class FlareSession:
         self.bytes_received += out.nbytes
         return out
 
+    def identity(self) -> SiteIdentity:
+        """The site's provisioned certificate and key, beside the CA its attach profile names."""
+        from lightning_fedseg.federation.signed_keys import SiteIdentity
+
+        startup = Path(json.loads(self.profile.read_text())["ca_cert"]).parent
+        if not (startup / "client.key").is_file():
+            raise FileNotFoundError(
+                f"Masking over FLARE signs each round key with the site's certificate, but {str(startup)!r}"
+                " (beside the profile's `ca_cert`) holds no client.key."
+            )
+        return SiteIdentity.from_kit(startup)
+
     def close(self, success: bool) -> None:
         """Say ``done`` (after a successful fit) and detach."""
         if self._flare is None:
@@ -186,6 +204,25 @@ class FlareTransport(Transport):
     def _all_gather(self, flat: Tensor) -> list[Tensor]:
         out = self.session.exchange("gather", flat.detach().cpu().numpy())
         return [torch.from_numpy(row).to(flat.device) for row in out]
+
+    def _public_keys(
+        self, public: bytes | None, members: Sequence[int], stats: CommStats, round_idx: int
+    ) -> dict[int, bytes]:
+        """The round public keys, each signed by its site's provisioned certificate and checked
+        against the project's CA (:mod:`.signed_keys`): the hub relays them but cannot swap them."""
+        from lightning_fedseg.federation.signed_keys import BLOB_SIZE, verify
+
+        identity = self.session.identity()
+        job = self.session.job_id
+        blob = bytes(BLOB_SIZE) if public is None else identity.blob(job, round_idx, self.rank, public)
+        mine = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+        gathered = self._call(stats, round_idx, "signed key exchange", self._all_gather, mine)
+        sites = {rank: site for site, rank in self.placement.items()}
+        out = {}
+        for rank in members:
+            peer_blob = bytes(gathered[rank].cpu().numpy().tobytes())
+            out[rank] = verify(peer_blob, identity.ca, flare_client_name(sites[rank]), job, round_idx, rank)
+        return out
 
     def unresponsive_sites(self) -> str:
         return "a site or the FLARE hub (see the controller's log)"

@@ -192,16 +192,11 @@ class Transport:
         self._call(stats, round_idx, "agreement on the masked set", self._all_reduce, flags)
         members = [r for r, flag in enumerate(flags.tolist()) if flag > 0]
         keys = RoundKeys() if participating else None
-        public = torch.zeros(32, dtype=torch.uint8)
-        if keys is not None:
-            public = torch.frombuffer(bytearray(keys.public_bytes()), dtype=torch.uint8)
-        publics = self._call(stats, round_idx, "key exchange", self._all_gather, public.to(self.device))
+        publics = self._public_keys(keys.public_bytes() if keys is not None else None, members, stats, round_idx)
         encoded = encode(flat)
         if keys is not None:
             pair_keys = {
-                peer: keys.shared_key(
-                    bytes(publics[peer].cpu().tolist()), round_idx, min(peer, self.rank), max(peer, self.rank)
-                )
+                peer: keys.shared_key(publics[peer], round_idx, min(peer, self.rank), max(peer, self.rank))
                 for peer in members
                 if peer != self.rank
             }
@@ -212,6 +207,18 @@ class Transport:
         stats.bytes_sent += nbytes
         stats.bytes_received += nbytes
         return decode(encoded.cpu())
+
+    def _public_keys(
+        self, public: bytes | None, members: Sequence[int], stats: CommStats, round_idx: int
+    ) -> dict[int, bytes]:
+        """Every member's round public key (32 bytes), by rank: one all-gather (``public`` is
+        ``None`` where this process has no site in the round). A transport whose relay could swap
+        keys authenticates them (:class:`~lightning_fedseg.federation.flare_transport.FlareTransport`)."""
+        mine = torch.zeros(32, dtype=torch.uint8)
+        if public is not None:
+            mine = torch.frombuffer(bytearray(public), dtype=torch.uint8)
+        gathered = self._call(stats, round_idx, "key exchange", self._all_gather, mine.to(self.device))
+        return {rank: bytes(gathered[rank].cpu().tolist()) for rank in members}
 
     def union(self, sites: Sequence[str], local: Iterable[str]) -> set[str]:
         """The sites (of ``sites``) named by ``local`` on any process: one all-reduce of 0/1 flags."""

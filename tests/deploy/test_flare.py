@@ -6,10 +6,8 @@ Everything this module starts is stopped by process group id in a finalizer, wha
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import socket
 import ssl
 import subprocess
@@ -24,22 +22,13 @@ import yaml
 pytest.importorskip("nvflare")
 
 from lightning_fedseg.deploy.controller import RECORD_PREFIX
+from lightning_fedseg.deploy.local import LocalParties, free_ports
 from lightning_fedseg.deploy.provision import provision
 
 ROOT = Path(__file__).resolve().parents[2]
 SITES = ("1", "2")
 ROUNDS = 2
 pytestmark = pytest.mark.timeout(600)
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def env(tmp: Path) -> dict[str, str]:
@@ -52,27 +41,6 @@ def env(tmp: Path) -> dict[str, str]:
     }
 
 
-class Processes:
-    """Processes started in their own process groups; :meth:`stop` kills each group by its id."""
-
-    def __init__(self) -> None:
-        self.started: list[subprocess.Popen[bytes]] = []
-
-    def start(self, cmd: list[str], log: Path, environ: dict[str, str], cwd: Path = ROOT) -> subprocess.Popen[bytes]:
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                cmd, cwd=cwd, env=environ, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        self.started.append(proc)
-        return proc
-
-    def stop(self) -> None:
-        for proc in self.started:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)  # the group's id is the pid we started
-            proc.wait(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory, request):
     """A provisioned project with its server and both FLARE clients running."""
@@ -82,12 +50,12 @@ def federation(tmp_path_factory, request):
     data = write_synthetic_dataset(tmp / "data", num_subjects=16, shape=(24, 24, 12), num_sites=2, seed=0).root
     fed, admin, *site_ports = free_ports(2 + len(SITES))
     kits = provision(tmp / "ws", SITES, fed_port=fed, admin_port=admin, site_ports=site_ports)
-    procs = Processes()
-    request.addfinalizer(procs.stop)
     environ = env(tmp)
+    procs = LocalParties(environ, ROOT)
+    request.addfinalizer(procs.stop)
     for name, kit in (("server", kits.server), *kits.sites.items()):
         cmd = [sys.executable, "-m", "lightning_fedseg", "deploy", "start", str(kit)]
-        procs.start(cmd, tmp / f"party_{name}.log", environ)
+        procs.start(cmd, tmp / f"party_{name}.log")
     return {"tmp": tmp, "data": data, "kits": kits, "procs": procs, "env": environ, "fed_port": fed}
 
 
@@ -103,12 +71,12 @@ def study(tmp: Path, name: str, masking: bool) -> Path:
     return path
 
 
-def fit_args(fed: dict, config: Path, out: Path) -> list[str]:
+def fit_args(fed: dict, config: Path, out: Path, rounds: int = ROUNDS) -> list[str]:
     return [
         sys.executable, "-m", "lightning_fedseg", "fit", "--config", str(config),
         "--data.init_args.data_root", str(fed["data"]), "--data.init_args.batch_size", "32",
         "--model.init_args.compute_hd95", "false", "--model.init_args.log_images", "0",
-        "--trainer.enable_progress_bar", "false", "--trainer.max_epochs", str(ROUNDS),
+        "--trainer.enable_progress_bar", "false", "--trainer.max_epochs", str(rounds),
         "--trainer.logger.init_args.save_dir", str(out),
     ]  # fmt: skip
 
@@ -118,15 +86,21 @@ def last_checkpoint(out: Path) -> dict:
     return torch.load(last, weights_only=False)
 
 
-def run_job(fed: dict, name: str, masking: bool) -> tuple[list[dict], list[int], list[dict]]:
-    """Both trainers and the job; returns the sites' last checkpoints, their pids and the hub's records."""
+def run_job(
+    fed: dict, name: str, masking: bool, rounds: int = ROUNDS, resume: str | None = None
+) -> tuple[list[dict], list[int], list[dict]]:
+    """Both trainers and the job (``resume``: each site from its last checkpoint of that job);
+    returns the sites' last checkpoints, their pids and the hub's records."""
     tmp, kits = fed["tmp"], fed["kits"]
     config = study(tmp, name, masking)
     trainers = []
     for site in SITES:
-        cmd = fit_args(fed, config, tmp / f"{name}_{site}")
+        cmd = fit_args(fed, config, tmp / f"{name}_{site}", rounds)
         cmd += ["--trainer.strategy.init_args.flare_profile", str(kits.attach_profile(site))]
-        trainers.append(fed["procs"].start(cmd, tmp / f"{name}_trainer_{site}.log", fed["env"]))
+        if resume is not None:
+            (last,) = (tmp / f"{resume}_{site}").rglob("last.ckpt")
+            cmd += ["--ckpt_path", str(last)]
+        trainers.append(fed["procs"].start(cmd, tmp / f"{name}_trainer_{site}.log"))
     server_log = tmp / "party_server.log"
     seen = server_log.read_text(errors="replace").count(RECORD_PREFIX)
     submit = [
@@ -192,8 +166,20 @@ def test_fedadam_fedprox_over_flare_equals_the_simulation(federation, simulated)
     assert records[-1]["op"] == "done"
 
 
+def test_a_job_stopped_after_a_round_and_resumed_equals_an_uninterrupted_one(federation, simulated):
+    run_job(federation, "first", masking=False, rounds=1)
+    ckpts, _, records = run_job(federation, "resumed", masking=False, rounds=ROUNDS, resume="first")
+    assert [r["round"] for r in records if r["what"] == "weighted all-reduce"] == list(range(1, ROUNDS))
+    for ckpt in ckpts:
+        assert ckpt["federation"]["completed_rounds"] == ROUNDS
+        for key, value in simulated["state_dict"].items():
+            torch.testing.assert_close(ckpt["state_dict"][key], value, rtol=0, atol=1e-6)
+        assert_same(ckpt["federation"]["server"], simulated["federation"]["server"])
+
+
 def test_masked_aggregation_over_flare_equals_unmasked_within_the_fixed_point_bound(federation, simulated):
     from lightning_fedseg.federation.masking import quantization_bound
+    from lightning_fedseg.federation.signed_keys import BLOB_SIZE
 
     ckpts, _, records = run_job(federation, "masked", masking=True)
     bound = quantization_bound(len(SITES))
@@ -203,7 +189,7 @@ def test_masked_aggregation_over_flare_equals_unmasked_within_the_fixed_point_bo
                 # a FedAdam step moves each weight by at most about server_lr per round
                 torch.testing.assert_close(ckpt["state_dict"][key], value, rtol=0, atol=max(1e-5, 100 * bound))
     keys = [r for r in records if r["op"] == "gather"]
-    assert keys and all(r["bytes"] == dict.fromkeys(SITES, 32) for r in keys)  # public keys only
+    assert keys and all(r["bytes"] == dict.fromkeys(SITES, BLOB_SIZE) for r in keys)  # signed public keys only
     masked = [r for r in records if r["what"] == "masked all-reduce"]
     assert len(masked) == ROUNDS and all("weights" not in r for r in masked)
 
