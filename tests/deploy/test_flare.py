@@ -59,12 +59,13 @@ def federation(tmp_path_factory, request):
     return {"tmp": tmp, "data": data, "kits": kits, "procs": procs, "env": environ, "fed_port": fed}
 
 
-def study(tmp: Path, name: str, masking: bool) -> Path:
-    """FedAdam on the server and FedProx at the sites, from the shipped FedAdam config."""
-    config = yaml.safe_load((ROOT / "configs" / "fedadam.yaml").read_text())
+def study(tmp: Path, name: str, masking: bool, base: str = "fedadam") -> Path:
+    """By default FedAdam on the server and FedProx at the sites, from the shipped FedAdam config."""
+    config = yaml.safe_load((ROOT / "configs" / f"{base}.yaml").read_text())
     args = config["trainer"]["strategy"]["init_args"]
-    args["client"] = {"class_path": "lightning_fedseg.federation.FedProx", "init_args": {"mu": 0.01}}
-    args["masking"] = masking
+    if base == "fedadam":
+        args["client"] = {"class_path": "lightning_fedseg.federation.FedProx", "init_args": {"mu": 0.01}}
+        args["masking"] = masking
     args["timeout"] = 300.0
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -87,12 +88,12 @@ def last_checkpoint(out: Path) -> dict:
 
 
 def run_job(
-    fed: dict, name: str, masking: bool, rounds: int = ROUNDS, resume: str | None = None
+    fed: dict, name: str, masking: bool, rounds: int = ROUNDS, resume: str | None = None, base: str = "fedadam"
 ) -> tuple[list[dict], list[int], list[dict]]:
     """Both trainers and the job (``resume``: each site from its last checkpoint of that job);
     returns the sites' last checkpoints, their pids and the hub's records."""
     tmp, kits = fed["tmp"], fed["kits"]
-    config = study(tmp, name, masking)
+    config = study(tmp, name, masking, base)
     trainers = []
     for site in SITES:
         cmd = fit_args(fed, config, tmp / f"{name}_{site}", rounds)
@@ -118,15 +119,19 @@ def run_job(
     return ckpts, [p.pid for p in trainers], records
 
 
-@pytest.fixture(scope="module")
-def simulated(federation):
-    """The same YAML and seeds in one process (no FLARE)."""
-    tmp = federation["tmp"]
-    out = tmp / "simulated"
-    cmd = fit_args(federation, study(tmp, "simulated", masking=False), out)
-    proc = subprocess.run(cmd, cwd=ROOT, env=federation["env"], capture_output=True, text=True, timeout=600)
+def simulate(fed: dict, name: str, base: str = "fedadam") -> dict:
+    """The same YAML and seeds in one process (no FLARE): its last checkpoint."""
+    tmp = fed["tmp"]
+    out = tmp / name
+    cmd = fit_args(fed, study(tmp, name, masking=False, base=base), out)
+    proc = subprocess.run(cmd, cwd=ROOT, env=fed["env"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return last_checkpoint(out)
+
+
+@pytest.fixture(scope="module")
+def simulated(federation):
+    return simulate(federation, "simulated")
 
 
 def site_weights(fed: dict) -> dict[str, float]:
@@ -164,6 +169,17 @@ def test_fedadam_fedprox_over_flare_equals_the_simulation(federation, simulated)
     for record in contributions:
         assert record["weights"] == pytest.approx(expected) and record["site_counts"] == dict.fromkeys(SITES, 1)
     assert records[-1]["op"] == "done"
+
+
+def test_ciil_hand_overs_over_flare_equal_the_simulation(federation):
+    ckpts, _, records = run_job(federation, "ciil", masking=False, base="ciil")
+    expected = simulate(federation, "ciil_simulated", base="ciil")
+    for ckpt in ckpts:
+        assert ckpt["federation"]["completed_rounds"] == ROUNDS
+        for key, value in expected["state_dict"].items():
+            torch.testing.assert_close(ckpt["state_dict"][key], value, rtol=0, atol=1e-6)
+    handovers = [r for r in records if r["op"] == "broadcast" and r["what"].startswith("hand-over")]
+    assert len(handovers) == ROUNDS * len(SITES)  # each site's result relayed after it trained
 
 
 def test_a_job_stopped_after_a_round_and_resumed_equals_an_uninterrupted_one(federation, simulated):
