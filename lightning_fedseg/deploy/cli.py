@@ -76,7 +76,9 @@ def main(argv: Sequence[str]) -> int:
     strategy = check_study(args.config)
     federation = json.loads((args.startup_kit / "local" / FEDERATION_FILE).read_text())
     timeout = float(strategy.get("timeout", 1800.0))
-    job = write_job(args.job_dir or args.startup_kit.parent / "jobs", federation["sites"], timeout)
+    job = write_job(
+        args.job_dir or args.startup_kit.parent / "jobs", federation["sites"], timeout, server=strategy.get("server")
+    )
     job_id, status = submit(job, args.startup_kit, args.wait)
     print(f"submitted job {job_id} ({job})" + (f": {status}" if status else ""))
     return 0 if status in (None, "FINISHED:COMPLETED") else 1

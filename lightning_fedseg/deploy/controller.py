@@ -24,6 +24,7 @@ import numpy as np
 from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.workflows.model_controller import ModelController
 
+from lightning_fedseg.deploy.hub_step import HubStep
 from lightning_fedseg.deploy.relay import Message, RelayError, contribution_weights, relay
 from lightning_fedseg.federation.flare_transport import flare_client_name
 
@@ -41,9 +42,17 @@ class FederatedController(ModelController):
         version: the lightning_fedseg version that built the job; the server's must equal it.
         exchange_timeout: seconds to wait for every site's answer to one exchange (a round's
             local training included); a site missing after that aborts the job, naming it.
+        server: the study's ``server`` config (``class``, ``args``: :func:`.job.plain_spec`); a rule
+            that needs each site's own state runs here (:mod:`.hub_step`).
     """
 
-    def __init__(self, sites: list[str], version: str, exchange_timeout: float = 1800.0) -> None:
+    def __init__(
+        self,
+        sites: list[str],
+        version: str,
+        exchange_timeout: float = 1800.0,
+        server: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(allow_empty_global_weights=True, task_check_period=0.05)
         if not sites or len(set(sites)) != len(sites):
             raise ValueError(f"Expected distinct site names, but got {sites}.")
@@ -52,6 +61,8 @@ class FederatedController(ModelController):
         self.version = version
         self.exchange_timeout = float(exchange_timeout)
         self.exchanges = 0
+        self.server = server  # the YAML's `server` (as `class`/`args`)
+        self.hub_step: HubStep | None = None
 
     def _messages(self, results: list[FLModel], seq: int) -> list[Message]:
         by_site: dict[str, FLModel] = {}
@@ -86,10 +97,26 @@ class FederatedController(ModelController):
             "bytes": {m.site: int(m.array.nbytes) for m in messages},
             "pids": {str((r.meta or {}).get("site")): (r.meta or {}).get("pid") for r in results},
         }
+        if messages[0].op == "aggregate" and self.hub_step is not None:  # the hub's rule's own figures
+            record["server_metrics"] = {k: float(v) for k, v in self.hub_step.server.metrics().items()}
         if what == CONTRIBUTION:
             record["weights"] = {s: w for s, (w, _) in contribution_weights(messages).items()}
             record["site_counts"] = {s: c for s, (_, c) in contribution_weights(messages).items()}
         self.info(RECORD_PREFIX + json.dumps(record))
+
+    def _combine(self, messages: list[Message], results: list[FLModel]) -> np.ndarray:
+        """The relay's combination, or, for ``aggregate``, the study's rule run at the hub."""
+        meta = results[0].meta or {}
+        if messages[0].op != "aggregate":
+            return relay(messages)
+        return self._hub_step().step([m.array for m in messages], meta["layout"], int(meta.get("round", -1)))
+
+    def _hub_step(self) -> HubStep:
+        if self.hub_step is None:
+            if self.server is None:
+                raise RelayError("The sites sent their states to the hub, but the job names no server step.")
+            self.hub_step = HubStep(self.server, self.sites)
+        return self.hub_step
 
     def run(self) -> None:
         from lightning_fedseg import __version__
@@ -106,7 +133,7 @@ class FederatedController(ModelController):
                 task_name="train", data=data, targets=self.targets, timeout=int(self.exchange_timeout)
             )
             messages = self._messages(results, self.exchanges + 1)
-            combined = relay(messages)
+            combined = self._combine(messages, results)
             self.exchanges = messages[0].seq
             self._record(messages, results, time.perf_counter() - started)
             if messages[0].op == "done":

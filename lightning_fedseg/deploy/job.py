@@ -6,9 +6,9 @@ with the sites, the package version and the exchange timeout) and, for every sit
 package, and the controller and every site refuse a version other than the job's.
 
 The study's YAML decides what can run across institutions; :func:`check_study` refuses, naming
-the key, what has no sound meaning over the hub: ``cds`` (it pools the institutions' data) and
-server steps that need every site's own state (they would show each institution's weights to the
-others through the hub).
+the key, what has no sound meaning over the hub: ``cds`` (it pools the institutions' data) and the
+``ByzantineServer`` attack drill. A server step that needs every site's own state (Krum, the
+median, ...) goes into the job and runs at the hub (:mod:`.hub_step`).
 """
 
 from __future__ import annotations
@@ -34,6 +34,24 @@ def _class(spec: Any) -> type | None:
     return getattr(importlib.import_module(module), name, None)
 
 
+def plain_spec(spec: Any) -> Any:
+    """A ``class_path``/``init_args`` config as ``class``/``args`` (nested ones too): FLARE's job
+    configuration reads a ``class_path`` or ``path`` entry as a component of its own to build.
+
+    Example:
+        >>> plain_spec({"class_path": "a.B", "init_args": {"inner": {"class_path": "a.C"}, "k": 2}})
+        {'class': 'a.B', 'args': {'inner': {'class': 'a.C', 'args': {}}, 'k': 2}}
+    """
+    if isinstance(spec, Mapping) and "class_path" in spec:
+        return {
+            "class": spec["class_path"],
+            "args": {k: plain_spec(v) for k, v in (spec.get("init_args") or {}).items()},
+        }
+    if isinstance(spec, list):
+        return [plain_spec(v) for v in spec]
+    return spec
+
+
 def check_study(config: str | Path) -> dict[str, Any]:
     """The strategy's ``init_args`` of the study at ``config``, after refusing what FLARE cannot run."""
     path = Path(config)
@@ -47,17 +65,23 @@ def check_study(config: str | Path) -> dict[str, Any]:
             " it cannot run across institutions."
         )
     server = _class(args.get("server"))
-    if server is not None and getattr(server, "needs_site_states", False):
+    if server is not None and server.__name__ == "ByzantineServer":
         raise ValueError(
-            f"{str(path)!r}: `trainer.strategy.init_args.server` is {server.__name__}, which needs every site's own"
-            " state; over the FLARE hub that would show each institution's weights to every other. HINT: a"
-            " mean-based step (FedAvg, FedAdam, ..., DPFedAvg) or torch.distributed inside one trusted network."
+            f"{str(path)!r}: `trainer.strategy.init_args.server` is ByzantineServer, an attack drill; it has no"
+            " meaning across real institutions. HINT: run the drill in one process."
         )
     return args
 
 
-def write_job(out: str | Path, sites: Sequence[str], timeout: float = 1800.0, name: str = "lightning_fedseg") -> Path:
-    """Write the job folder ``out/name`` for ``sites``; returns it."""
+def write_job(
+    out: str | Path,
+    sites: Sequence[str],
+    timeout: float = 1800.0,
+    name: str = "lightning_fedseg",
+    server: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write the job folder ``out/name`` for ``sites``; returns it. ``server``: the study's server
+    step config, which the hub runs where it needs each site's state."""
     from lightning_fedseg import __version__
     from lightning_fedseg.deploy.provision import ATTACH_ID
 
@@ -65,7 +89,7 @@ def write_job(out: str | Path, sites: Sequence[str], timeout: float = 1800.0, na
     config = job / "app" / "config"
     config.mkdir(parents=True, exist_ok=True)
     meta = {"name": name, "resource_spec": {}, "min_clients": len(sites), "deploy_map": {"app": ["@ALL"]}}
-    server = {
+    server_config = {
         "format_version": 2,
         "server": {"heart_beat_timeout": 600, "task_request_interval": 0.05},
         "task_data_filters": [],
@@ -75,7 +99,12 @@ def write_job(out: str | Path, sites: Sequence[str], timeout: float = 1800.0, na
             {
                 "id": "fedseg",
                 "path": "lightning_fedseg.deploy.controller.FederatedController",
-                "args": {"sites": list(sites), "version": __version__, "exchange_timeout": float(timeout)},
+                "args": {
+                    "sites": list(sites),
+                    "version": __version__,
+                    "exchange_timeout": float(timeout),
+                    "server": plain_spec(server) if isinstance(server, Mapping) else None,
+                },
             }
         ],
     }
@@ -99,7 +128,7 @@ def write_job(out: str | Path, sites: Sequence[str], timeout: float = 1800.0, na
     }
     for file, content in (
         (job / "meta.json", meta),
-        (config / "config_fed_server.json", server),
+        (config / "config_fed_server.json", server_config),
         (config / "config_fed_client.json", client),
     ):
         file.write_text(json.dumps(content, indent=2) + "\n")

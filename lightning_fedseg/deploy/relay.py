@@ -28,7 +28,7 @@ import numpy.typing as npt
 
 __all__ = ["OPS", "Message", "RelayError", "relay"]
 
-OPS = ("sum", "max", "broadcast", "gather", "done")
+OPS = ("sum", "max", "broadcast", "gather", "aggregate", "done")
 
 Array = npt.NDArray[Any]
 
@@ -110,6 +110,8 @@ def relay(messages: Sequence[Message]) -> Array:
     op, seq, src = check_agreement(messages)
     if op == "done":
         return np.zeros(0)
+    if op == "aggregate":
+        raise RelayError(f"Exchange {seq}: site states are combined by the hub's server step, not relayed.")
     if op == "broadcast":
         if not 0 <= src < len(messages):
             raise RelayError(f"Exchange {seq}: broadcast from site index {src}, but {len(messages)} sites.")

@@ -13,7 +13,8 @@ The aggregators here:
 * :class:`MeanAggregator`: a running sample-weighted sum (float64), one all-reduce (pairwise masked
   where masking is on), then ``ServerStep.step(global, mean)``: FedAvg and the FedOpt family.
 * :class:`SiteStatesAggregator`: every site's own state, gathered in site order, then
-  ``ServerStep.step_from_sites``: the robust rules.
+  ``ServerStep.step_from_sites``: the robust rules. Over a hub (NVIDIA FLARE) the states go to the
+  hub only, which runs the step (:class:`~lightning_fedseg.deploy.controller.FederatedController`).
 
 DP-FedAvg's clipped and noised sum is :class:`~lightning_fedseg.federation.privacy.ClippedSumAggregator`.
 
@@ -133,6 +134,12 @@ class SiteStatesAggregator(Aggregator):
     def combine(
         self, transport: Transport, stats: CommStats, round_idx: int, min_sites: int
     ) -> tuple[dict[str, Tensor] | None, int]:
+        step_at_hub = getattr(transport, "step_at_hub", None)
+        if step_at_hub is not None:  # over a hub (FLARE): the states go to the hub only, which runs the step
+            keys = sorted(self.server.param_keys or ())
+            new, count = step_at_hub(self.rows, self.global_state, keys, stats, round_idx, min_sites)
+            self.rows = []
+            return new, count
         gathered = transport.gather_states(self.rows, self.global_state, stats, round_idx)
         self.rows = []
         if len(gathered) < min_sites:

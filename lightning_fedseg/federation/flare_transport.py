@@ -23,9 +23,9 @@ Decisions:
 * **Masking keys are signed.** Each round's public key is signed with the site's provisioned
   certificate and checked by every peer against the project's CA (:mod:`.signed_keys`), so the
   hub relays the key exchange but cannot substitute a key.
-* **Every site state over every site is refused**: rules that need each site's own state (Krum,
-  the median, ...) would show each institution's weights to every other institution through the
-  hub; they are refused at setup.
+* **Rules that need each site's own state run at the hub** (Krum, the median, ...): each site's
+  state goes to the hub only (:meth:`FlareTransport.step_at_hub`), never to the other sites; the
+  hub runs the rule and sends the new global state back.
 * **End.** After ``fit`` the site sends ``done``; the controller ends the job when every site has.
   A site that stops early (an error, an abort) only detaches: the controller's timeout then ends
   the job for everyone, and each site's last round checkpoint is intact.
@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_fedseg.federation.transport import CommStats, Transport
+from lightning_fedseg.federation.transport import CommStats, Transport, flatten_state, unflatten_state
 
 if TYPE_CHECKING:
     from lightning_fedseg.federation.signed_keys import SiteIdentity
@@ -122,12 +122,13 @@ class FlareSession:
             raise RuntimeError(f"The FLARE job ended or was aborted while site {self.site!r} waited for {what}.")
         return model
 
-    def exchange(self, op: str, array: np.ndarray, src: int = -1) -> np.ndarray:
+    def exchange(self, op: str, array: np.ndarray, src: int = -1, extra: Mapping[str, Any] | None = None) -> np.ndarray:
         """Send this site's ``array`` for ``op`` and return the hub's combination of every site's."""
         from nvflare.app_common.abstract.fl_model import FLModel
 
         self.seq += 1
         meta = {"op": op, "seq": self.seq, "src": src, "site": self.site, "what": self.what, "round": self.round}
+        meta.update(extra or {})
         meta["pid"] = os.getpid()  # so the hub's record shows one trainer process per site for the whole job
         self._flare.send(FLModel(params={"x": array}, meta=meta))
         self.bytes_sent += array.nbytes
@@ -226,6 +227,43 @@ class FlareTransport(Transport):
 
     def unresponsive_sites(self) -> str:
         return "a site or the FLARE hub (see the controller's log)"
+
+    def step_at_hub(
+        self,
+        rows: Sequence[tuple[int, float, Mapping[str, Tensor]]],
+        reference: Mapping[str, Tensor],
+        param_keys: Sequence[str],
+        stats: CommStats,
+        round_idx: int,
+        min_sites: int,
+    ) -> tuple[dict[str, Tensor] | None, int]:
+        """A rule that needs every site's own state (Krum, the median, ...) runs at the hub: this
+        site's state goes to the hub only, and the new global state comes back. ``(None, count)``
+        with fewer than ``min_sites`` sites."""
+        size = sum(v.numel() for v in reference.values())
+        flat = torch.zeros(size + 2, dtype=torch.float64)  # a failed site: weight 0
+        for index, weight, state in rows:  # one site per process
+            flat = flatten_state({k: state[k] for k in reference}, float(index), float(weight))
+        if self.rank == 0:  # the round's global state, the same at every site, for the hub's rule
+            flat = torch.cat([flat, flatten_state(reference)])
+        layout = {
+            "keys": list(reference),
+            "shapes": [list(v.shape) for v in reference.values()],
+            "dtypes": [str(v.dtype).removeprefix("torch.") for v in reference.values()],
+            "param_keys": sorted(param_keys),
+            "min_sites": int(min_sites),
+        }
+
+        def send() -> np.ndarray:
+            return self.session.exchange("aggregate", flat.numpy(), extra={"layout": layout})
+
+        out = torch.from_numpy(self._call(stats, round_idx, "site states to the hub", send))
+        stats.bytes_sent += flat.numel() * 8
+        stats.bytes_received += out.numel() * 8
+        count = round(float(out[-1]))
+        if out.numel() == 1:
+            return None, count
+        return unflatten_state(out[:-1], reference), count
 
     def reduce(self, value: Tensor, mean: bool) -> Tensor:
         """Lightning's ``strategy.reduce`` over the sites (logged metrics with ``sync_dist``, decisions)."""

@@ -195,9 +195,8 @@ def check_flare(mode: CollaborationMode, server: Any) -> None:
             "`flare_profile` is set with the cds mode, which pools the institutions' data: it cannot run across"
             " institutions. HINT: fedavg, iil, ciil or single."
         )
-    if getattr(server, "needs_site_states", False):
+    if type(server).__name__ == "ByzantineServer":
         raise ValueError(
-            f"`flare_profile` is set with the server step {server!r}, which needs every site's own state: over"
-            " the FLARE hub that would show each institution's weights to every other institution. HINT: a"
-            " mean-based step (FedAvg, FedAvgM, FedAdam, FedYogi, FedAdagrad, DPFedAvg)."
+            f"`flare_profile` is set with {server!r}, an attack drill that makes sites Byzantine at the"
+            " server; it has no meaning across real institutions. HINT: run the drill in one process."
         )

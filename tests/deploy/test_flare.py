@@ -182,6 +182,16 @@ def test_ciil_hand_overs_over_flare_equal_the_simulation(federation):
     assert len(handovers) == ROUNDS * len(SITES)  # each site's result relayed after it trained
 
 
+def test_a_robust_rule_runs_at_the_hub_and_equals_the_simulation(federation):
+    ckpts, _, records = run_job(federation, "median", masking=False, base="median")
+    expected = simulate(federation, "median_simulated", base="median")
+    for ckpt in ckpts:
+        for key, value in expected["state_dict"].items():
+            torch.testing.assert_close(ckpt["state_dict"][key], value, rtol=0, atol=1e-6)
+    assert [r["round"] for r in records if r["op"] == "aggregate"] == list(range(ROUNDS))
+    assert not [r for r in records if r["op"] == "gather"]  # no site ever receives another site's state
+
+
 def test_a_job_stopped_after_a_round_and_resumed_equals_an_uninterrupted_one(federation, simulated):
     run_job(federation, "first", masking=False, rounds=1)
     ckpts, _, records = run_job(federation, "resumed", masking=False, rounds=ROUNDS, resume="first")

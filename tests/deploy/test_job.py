@@ -13,7 +13,7 @@ from lightning_fedseg import CDS, FedAvg, FederatedStrategy
 from lightning_fedseg.deploy.job import check_study, write_job
 from lightning_fedseg.deploy.provision import ALLOWED, project_yaml
 from lightning_fedseg.deploy.relay import Message, RelayError, contribution_weights, relay
-from lightning_fedseg.federation import Krum
+from lightning_fedseg.federation import ByzantineServer, Krum
 from lightning_fedseg.federation.flare_transport import FlareSession
 from lightning_fedseg.federation.masking import decode, encode, mask
 from lightning_fedseg.federation.transport import flatten_state
@@ -80,7 +80,12 @@ def test_the_job_is_configuration_only(tmp_path):
     server = json.loads((job / "app/config/config_fed_server.json").read_text())
     (workflow,) = server["workflows"]
     assert workflow["path"] in ALLOWED
-    assert workflow["args"] == {"sites": ["1", "2", "3"], "version": __version__, "exchange_timeout": 60.0}
+    assert workflow["args"] == {
+        "sites": ["1", "2", "3"],
+        "version": __version__,
+        "exchange_timeout": 60.0,
+        "server": None,
+    }
     client = json.loads((job / "app/config/config_fed_client.json").read_text())
     executor = client["executors"][0]["executor"]
     assert executor["path"] in ALLOWED and executor["args"]["execution_mode"] == "attach"
@@ -96,16 +101,19 @@ def _study(tmp_path, **strategy):
 def test_studies_with_no_meaning_across_institutions_are_refused(tmp_path):
     with pytest.raises(ValueError, match="mode` is cds, which pools"):
         check_study(_study(tmp_path, mode={"class_path": "lightning_fedseg.CDS"}))
+    drill = {"class_path": "lightning_fedseg.federation.ByzantineServer", "init_args": {"inner": None}}
+    with pytest.raises(ValueError, match="server` is ByzantineServer, an attack drill"):
+        check_study(_study(tmp_path, server=drill))
     krum = {"class_path": "lightning_fedseg.federation.Krum", "init_args": {"num_byzantine": 0}}
-    with pytest.raises(ValueError, match="server` is Krum, which needs every site's own state"):
-        check_study(_study(tmp_path, server=krum))
-    fedadam = {"class_path": "lightning_fedseg.federation.FedAdam"}
-    assert check_study(_study(tmp_path, server=fedadam, timeout=30))["timeout"] == 30
+    assert check_study(_study(tmp_path, server=krum, timeout=30))["server"] == krum  # runs at the hub
 
 
 @pytest.mark.parametrize(
     ("mode", "server", "match"),
-    [(CDS(), None, "cds mode, which pools"), (FedAvg(), Krum(0, multi=2), "needs every site's own state")],
+    [
+        (CDS(), None, "cds mode, which pools"),
+        (FedAvg(), ByzantineServer(Krum(0, multi=2), "alie", num_byzantine=1), "an attack drill"),
+    ],
 )
 def test_a_flare_site_refuses_what_the_hub_cannot_run(tmp_path, mode, server, match):
     profile = tmp_path / "attach.json"
@@ -121,3 +129,53 @@ def test_a_flare_site_refuses_what_the_hub_cannot_run(tmp_path, mode, server, ma
 def test_a_missing_attach_profile_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"attach profile .*nope\.json"):
         FlareSession(tmp_path / "nope.json")
+
+
+def _rows(states, weights, global_state):
+    """What the sites send for a hub step: ``[state, index, weight]``, site 0's then the global state."""
+    rows = [flatten_state(s, float(i), float(w)).numpy() for i, (s, w) in enumerate(zip(states, weights, strict=True))]
+    rows[0] = np.concatenate([rows[0], flatten_state(global_state).numpy()])
+    return rows
+
+
+LAYOUT = {"keys": ["w", "n"], "shapes": [[3], []], "dtypes": ["float32", "int64"], "param_keys": ["w"]}
+
+
+@pytest.mark.parametrize(
+    "server",
+    [
+        {"class_path": "lightning_fedseg.federation.CoordinateMedian"},
+        {"class_path": "lightning_fedseg.federation.CenteredClipping", "init_args": {"radius": 0.5}},
+    ],
+)
+def test_the_hub_runs_the_studys_rule_as_the_simulation_does(server):
+    from lightning_fedseg.deploy.hub_step import HubStep, build
+
+    global_state = {"w": torch.tensor([0.0, 1.0, 2.0]), "n": torch.tensor(4)}
+    states = [
+        {"w": torch.tensor([1.0, 1.0, 1.0]), "n": torch.tensor(6)},
+        {"w": torch.tensor([2.0, -3.0, 2.5]), "n": torch.tensor(6)},
+        {"w": torch.tensor([9.0, 0.5, 2.0]), "n": torch.tensor(6)},
+    ]
+    weights = [3.0, 1.0, 2.0]
+    hub = HubStep(server, ["a", "b", "c"])
+    out = hub.step(_rows(states, weights, global_state), {**LAYOUT, "min_sites": 1}, round_idx=2)
+    reference = build(server)
+    reference.setup(["w"])
+    expected = reference.step_from_sites(global_state, states, weights, 2, sites=["a", "b", "c"])
+    assert out[-1] == 3.0  # sites combined
+    assert out[:3].tolist() == expected["w"].double().tolist() and out[3] == float(expected["n"])
+    if server["class_path"].endswith("CoordinateMedian"):
+        assert out[:3].tolist() == [2.0, 0.5, 2.0]  # by hand
+
+
+def test_the_hub_combines_no_fewer_than_min_sites():
+    from lightning_fedseg.deploy.hub_step import HubStep
+
+    global_state = {"w": torch.zeros(3), "n": torch.tensor(0)}
+    states = [{"w": torch.ones(3), "n": torch.tensor(1)}] * 2
+    hub = HubStep({"class_path": "lightning_fedseg.federation.CoordinateMedian"}, ["a", "b"])
+    out = hub.step(_rows(states, [1.0, 0.0], global_state), {**LAYOUT, "min_sites": 2}, round_idx=0)
+    assert out.tolist() == [1.0]  # only the count: site b failed (weight 0)
+    with pytest.raises(ValueError, match="does not need each site's state"):
+        HubStep({"class_path": "lightning_fedseg.federation.FedAdam"}, ["a"])
