@@ -49,6 +49,7 @@ from benchmarks.common import (
     set_threads,
     trainer_defaults,
     write_json,
+    write_report,
 )
 from lightning_fedseg import CDS, BrainTumorSegmentation, FedAvg, FederatedDataModule, FederatedStrategy
 from lightning_fedseg.federation import (
@@ -312,10 +313,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     plots = plot(results, preset, args.plots_dir)
     meta = provenance(argv)
     document = {"meta": {**meta, "preset": asdict(preset)}, "tables": numbers, "runs": results}
-    write_json(out / "results.json", document)
-    (out / "tables.md").write_text(text + "\n")
-    print("\n" + text)
-    print(f"wrote {out / 'results.json'}, {out / 'tables.md'} and {len(plots)} plot(s)")
+    write_report(out, document, text, also=f"{len(plots)} plot(s)")
     return document
 
 

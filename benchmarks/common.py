@@ -287,6 +287,15 @@ def write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(clean(obj), indent=1) + "\n")
 
 
+def write_report(out: Path, document: Any, text: str, also: str = "") -> None:
+    """A benchmark's ``out/results.json`` and ``out/tables.md``, then the tables and where they went
+    (``also``: what else was written, e.g. plots)."""
+    write_json(out / "results.json", document)
+    (out / "tables.md").write_text(text + "\n")
+    print("\n" + text)
+    print(f"wrote {out / 'results.json'} and {out / 'tables.md'}" + (f"; also {also}" if also else ""))
+
+
 def figure(ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (6.0, 4.0)) -> tuple[Any, Any]:
     """A matplotlib figure on the Agg canvas (object API, no pyplot) and its axes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg

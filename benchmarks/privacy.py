@@ -64,6 +64,7 @@ from benchmarks.common import (
     run_pending,
     save_figure,
     write_json,
+    write_report,
 )
 from lightning_fedseg.federation import DPFedAvg, PatientDPSGD
 
@@ -370,10 +371,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     figure_path = plot(numbers, preset, args.plots_dir)
     document = {"meta": {**provenance(argv), "preset": asdict(preset), "delta": DELTA, "clip_norm": CLIP_NORM},
                 "tables": numbers, "runs": results}  # fmt: skip
-    write_json(out / "results.json", document)
-    (out / "tables.md").write_text(text + "\n")
-    print("\n" + text)
-    print(f"wrote {out / 'results.json'}, {out / 'tables.md'}" + (f" and {figure_path}" if figure_path else ""))
+    write_report(out, document, text, also=str(figure_path) if figure_path else "")
     return document
 
 

@@ -61,6 +61,7 @@ from benchmarks.common import (
     set_threads,
     trainer_defaults,
     write_json,
+    write_report,
 )
 from lightning_fedseg import BrainTumorSegmentation, FedAvg, FederatedDataModule, FederatedStrategy
 from lightning_fedseg.federation import (
@@ -469,10 +470,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     meta = provenance(argv)
     named = {"/".join(map(str, key)): value for key, value in chosen.items()}
     document = {"meta": {**meta, "preset": asdict(preset)}, "chosen": named, "norms": norms, "tables": numbers}
-    write_json(out / "results.json", document)
-    (out / "tables.md").write_text(text + "\n")
-    print("\n" + text)
-    print(f"wrote {out / 'results.json'} and {out / 'tables.md'}")
+    write_report(out, document, text)
     return document
 
 

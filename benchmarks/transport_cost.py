@@ -56,7 +56,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import REPO_ROOT, finished, provenance, write_json
+from benchmarks.common import REPO_ROOT, finished, provenance, write_json, write_report
 from lightning_fedseg.deploy.local import LocalParties, free_ports
 
 SITES = ("1", "2", "3")
@@ -400,10 +400,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     text = "\n".join(table(runs))
     document = {"meta": {**provenance(argv), "sites": SITES, "subjects": SUBJECTS, "shape": SHAPE, "batch": BATCH,
                          "rounds": ROUNDS}, "runs": runs}  # fmt: skip
-    write_json(out / "results.json", document)
-    (out / "tables.md").write_text(text + "\n")
-    print("\n" + text)
-    print(f"wrote {out / 'results.json'} and {out / 'tables.md'}")
+    write_report(out, document, text)
     return document
 
 
