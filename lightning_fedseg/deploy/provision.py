@@ -25,6 +25,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -63,7 +64,7 @@ def project_yaml(
     site_host: str = "localhost",
     admin: str = "admin@consortium.org",
     project: str = "fedseg",
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """FLARE's ``project.yml`` for ``sites`` (pure).
 
     ``site_ports``: each site's local listener for its trainer (default ``admin_port + 1 + i``).
@@ -83,10 +84,8 @@ def project_yaml(
     ports = list(site_ports) if site_ports is not None else [admin_port + 1 + i for i in range(len(sites))]
     if len(ports) != len(sites):
         raise ValueError(f"Expected one port per site ({len(sites)}), but got {ports}.")
-    participants: list[dict[str, object]] = [
-        {"name": server_host, "type": "server", "org": "consortium", "fed_learn_port": fed_port}
-    ]
-    participants[0]["admin_port"] = admin_port
+    server = {"name": server_host, "type": "server", "org": "consortium"}
+    participants: list[dict[str, Any]] = [{**server, "fed_learn_port": fed_port, "admin_port": admin_port}]
     for site, port in zip(sites, ports, strict=True):
         listener = {"scheme": "tcp", "default_host": site_host, "port": port, "connection_security": "clear"}
         name = flare_client_name(site)
@@ -139,16 +138,17 @@ def provision(
         raise RuntimeError(f"`nvflare provision` failed ({proc.returncode}): {proc.stderr[-2000:]}")
     prod = root / "prod_00"
     kits = Kits(prod / server_host, {s: prod / flare_client_name(s) for s in sites}, prod / admin)
-    ports = list(site_ports) if site_ports is not None else [admin_port + 1 + i for i in range(len(sites))]
+    # each trainer reaches its FLARE client at the listener the project gives the site
+    listeners = [p["listening_host"] for p in spec["participants"] if p["type"] == "client"]
     for kit in (kits.server, *kits.sites.values()):
         _allow(kit)
-    for (site, kit), port in zip(kits.sites.items(), ports, strict=True):
+    for (site, kit), listener in zip(kits.sites.items(), listeners, strict=True):
         profile = {
             "schema_version": 1,
             "execution_mode": "attach",
             "attach_id": ATTACH_ID,
             "site_name": flare_client_name(site),
-            "connect_url": f"tcp://localhost:{port}",
+            "connect_url": f"tcp://{listener['default_host']}:{listener['port']}",
             "connection_security": "clear",
             "secure_mode": True,
             "ca_cert": str(kit / "startup" / "rootCA.pem"),

@@ -60,9 +60,9 @@ def test_sites_that_disagree_are_named():
 
 def test_the_project_names_each_institution_as_a_flare_client():
     project = project_yaml(["1", "hospital_b"], server_host="fl.example.org", fed_port=443, admin_port=8443)
-    clients = [p for p in project["participants"] if p["type"] == "client"]  # type: ignore[attr-defined,index]
+    clients = [p for p in project["participants"] if p["type"] == "client"]
     assert [c["name"] for c in clients] == ["site-1", "site-hospital_b"]
-    assert project["participants"][0] == {  # type: ignore[index]
+    assert project["participants"][0] == {
         "name": "fl.example.org", "type": "server", "org": "consortium", "fed_learn_port": 443, "admin_port": 8443,
     }  # fmt: skip
     with pytest.raises(ValueError, match="FLARE client names"):
