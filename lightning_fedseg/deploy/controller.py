@@ -100,8 +100,9 @@ class FederatedController(ModelController):
         if messages[0].op == "aggregate" and self.hub_step is not None:  # the hub's rule's own figures
             record["server_metrics"] = {k: float(v) for k, v in self.hub_step.server.metrics().items()}
         if what == CONTRIBUTION:
-            record["weights"] = {s: w for s, (w, _) in contribution_weights(messages).items()}
-            record["site_counts"] = {s: c for s, (_, c) in contribution_weights(messages).items()}
+            weights = contribution_weights(messages)
+            record["weights"] = {s: w for s, (w, _) in weights.items()}
+            record["site_counts"] = {s: c for s, (_, c) in weights.items()}
         self.info(RECORD_PREFIX + json.dumps(record))
 
     def _combine(self, messages: list[Message], results: list[FLModel]) -> np.ndarray:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -77,14 +76,16 @@ class FlareSession:
         self.profile = Path(profile)
         if not self.profile.is_file():
             raise FileNotFoundError(f"The FLARE attach profile {str(self.profile)!r} does not exist.")
-        self.site = str(json.loads(self.profile.read_text())["site_name"]).removeprefix(FLARE_PREFIX)
+        profile_json = json.loads(self.profile.read_text())
+        self.site = str(profile_json["site_name"]).removeprefix(FLARE_PREFIX)
+        ca_cert = profile_json.get("ca_cert")  # in the site's kit, beside client.crt and client.key
+        self.startup = Path(ca_cert).parent if ca_cert else None
         self.timeout = timeout
         self.seq = 0
         self.what = ""
         self.round = -1
-        self.bytes_sent = 0
-        self.bytes_received = 0
         self._flare: Any = None
+        self._identity: SiteIdentity | None = None
         self.sites: list[str] = []
         self.job_id = ""
 
@@ -122,8 +123,7 @@ class FlareSession:
             raise RuntimeError(f"The FLARE job ended or was aborted while site {self.site!r} waited for {what}.")
         return model
 
-    def exchange(self, op: str, array: np.ndarray, src: int = -1, extra: Mapping[str, Any] | None = None) -> np.ndarray:
-        """Send this site's ``array`` for ``op`` and return the hub's combination of every site's."""
+    def _send(self, op: str, array: np.ndarray, src: int = -1, extra: Mapping[str, Any] | None = None) -> None:
         from nvflare.app_common.abstract.fl_model import FLModel
 
         self.seq += 1
@@ -131,43 +131,41 @@ class FlareSession:
         meta.update(extra or {})
         meta["pid"] = os.getpid()  # so the hub's record shows one trainer process per site for the whole job
         self._flare.send(FLModel(params={"x": array}, meta=meta))
-        self.bytes_sent += array.nbytes
+
+    def exchange(self, op: str, array: np.ndarray, src: int = -1, extra: Mapping[str, Any] | None = None) -> np.ndarray:
+        """Send this site's ``array`` for ``op`` and return the hub's combination of every site's."""
+        self._send(op, array, src, extra)
         reply = self._receive(f"exchange {self.seq} ({self.what or op})")
         got = dict(reply.meta or {})
         if got.get("seq") != self.seq:
             raise RuntimeError(
                 f"Site {self.site!r} expected the answer to exchange {self.seq}, but the hub answered {got.get('seq')}."
             )
-        out = np.asarray(reply.params["x"])
-        self.bytes_received += out.nbytes
-        return out
+        return np.asarray(reply.params["x"])
 
     def identity(self) -> SiteIdentity:
-        """The site's provisioned certificate and key, beside the CA its attach profile names."""
+        """The site's provisioned certificate and key, beside the CA its attach profile names (read once)."""
         from lightning_fedseg.federation.signed_keys import SiteIdentity
 
-        startup = Path(json.loads(self.profile.read_text())["ca_cert"]).parent
-        if not (startup / "client.key").is_file():
-            raise FileNotFoundError(
-                f"Masking over FLARE signs each round key with the site's certificate, but {str(startup)!r}"
-                " (beside the profile's `ca_cert`) holds no client.key."
-            )
-        return SiteIdentity.from_kit(startup)
+        if self._identity is None:
+            if self.startup is None or not (self.startup / "client.key").is_file():
+                raise FileNotFoundError(
+                    f"Masking over FLARE signs each round key with the site's certificate, but no client.key is"
+                    f" beside the `ca_cert` of the attach profile {str(self.profile)!r}."
+                )
+            self._identity = SiteIdentity.from_kit(self.startup)
+        return self._identity
 
     def close(self, success: bool) -> None:
         """Say ``done`` (after a successful fit) and detach."""
         if self._flare is None:
             return
-        flare, self._flare = self._flare, None
         try:
             if success:
-                from nvflare.app_common.abstract.fl_model import FLModel
-
-                self.seq += 1
-                meta = {"op": "done", "seq": self.seq, "src": -1, "site": self.site, "what": "done", "round": -1}
-                meta["pid"] = os.getpid()
-                flare.send(FLModel(params={"x": np.zeros(0)}, meta=meta))
+                self.what, self.round = "done", -1
+                self._send("done", np.zeros(0))
         finally:
+            flare, self._flare = self._flare, None
             flare.shutdown()
 
 
@@ -197,8 +195,8 @@ class FlareTransport(Transport):
         flat.copy_(torch.from_numpy(out).to(flat.device))
 
     def _broadcast(self, flat: Tensor, src: int) -> None:
-        mine = flat.detach().cpu().numpy() if src == self.rank else np.zeros(0, dtype=flat.cpu().numpy().dtype)
-        out = self.session.exchange("broadcast", mine, src)
+        mine = flat.detach().cpu().numpy()
+        out = self.session.exchange("broadcast", mine if src == self.rank else mine[:0], src)
         if src != self.rank:
             flat.copy_(torch.from_numpy(out).to(flat.device))
 
@@ -272,8 +270,3 @@ class FlareTransport(Transport):
         if mean:
             flat /= self.world_size
         return flat.reshape(value.shape).to(value.dtype).to(value.device)
-
-    def close(self, success: bool) -> None:
-        started = time.perf_counter()
-        self.session.close(success)
-        self.close_seconds = time.perf_counter() - started

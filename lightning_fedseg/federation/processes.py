@@ -44,7 +44,7 @@ class FederatedProcesses(DDPStrategy):
         self.allow_remote = allow_remote
         self.flare_profile = flare_profile
         self._transport: Transport | None = None
-        self._flare: Any = None  # the FLARE session of this fit (`lightning_fedseg.deploy`)
+        self._flare: FlareSession | None = None  # the FLARE session of this fit
         self._flare_rank = 0
         self._fit_done = False
 
@@ -156,7 +156,7 @@ class FederatedProcesses(DDPStrategy):
         """Sites -> processes: all here in one process; over FLARE, this process is its own site; on
         several ranks, balanced by a size every process knows without reading any site's data
         (``site_num_subjects``); the DataModule is told which sites this process trains (``restrict_sites``)."""
-        if self.over_flare:
+        if self.over_flare and self._flare is not None:  # the session started in `federation_sites`
             self._flare_rank = sites.index(self._flare.site)
             if hasattr(datamodule, "restrict_sites"):
                 datamodule.restrict_sites((self._flare.site,))
