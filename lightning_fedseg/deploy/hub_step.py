@@ -25,7 +25,18 @@ from torch import Tensor
 
 from lightning_fedseg.federation.transport import flatten_state, unflatten_state
 
-__all__ = ["HubStep", "build"]
+__all__ = ["HubStep", "build", "import_class"]
+
+
+def import_class(path: str) -> Any:
+    """The class a config names: a dotted path, or a name ``lightning_fedseg`` exports (as in the CLI).
+
+    Example:
+        >>> import_class("FedAvg").__name__, import_class("lightning_fedseg.federation.Krum").__name__
+        ('FedAvg', 'Krum')
+    """
+    module, _, name = (path if "." in path else f"lightning_fedseg.{path}").rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 def build(spec: Any) -> Any:
@@ -39,11 +50,8 @@ def build(spec: Any) -> Any:
         Krum(num_byzantine=0, multi=1)
     """
     if isinstance(spec, Mapping) and ("class_path" in spec or "class" in spec):
-        path = str(spec.get("class_path", spec.get("class")))
-        path = path if "." in path else f"lightning_fedseg.{path}"
-        module, _, name = path.rpartition(".")
         kwargs = {k: build(v) for k, v in dict(spec.get("init_args", spec.get("args")) or {}).items()}
-        return getattr(importlib.import_module(module), name)(**kwargs)
+        return import_class(str(spec.get("class_path", spec.get("class"))))(**kwargs)
     if isinstance(spec, list):
         return [build(v) for v in spec]
     return spec

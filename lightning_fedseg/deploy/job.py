@@ -13,7 +13,6 @@ median, ...) goes into the job and runs at the hub (:mod:`.hub_step`).
 
 from __future__ import annotations
 
-import importlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,17 +20,20 @@ from typing import Any
 
 import yaml
 
+from lightning_fedseg.deploy.hub_step import import_class
+
 __all__ = ["check_study", "submit", "write_job"]
 
 
 def _class(spec: Any) -> type | None:
+    """The class a ``class_path`` config (or a bare path) names; ``None`` where it names none."""
     path = spec.get("class_path") if isinstance(spec, Mapping) else spec
     if not isinstance(path, str):
         return None
-    if "." not in path:
-        path = f"lightning_fedseg.{path}"
-    module, _, name = path.rpartition(".")
-    return getattr(importlib.import_module(module), name, None)
+    try:
+        return import_class(path)
+    except AttributeError:
+        return None
 
 
 def plain_spec(spec: Any) -> Any:
