@@ -134,10 +134,9 @@ class SiteStatesAggregator(Aggregator):
     def combine(
         self, transport: Transport, stats: CommStats, round_idx: int, min_sites: int
     ) -> tuple[dict[str, Tensor] | None, int]:
-        step_at_hub = getattr(transport, "step_at_hub", None)
-        if step_at_hub is not None:  # over a hub (FLARE): the states go to the hub only, which runs the step
+        if transport.hub_runs_site_steps:  # over a hub (FLARE): the states go to the hub only, which runs the step
             keys = sorted(self.server.param_keys or ())
-            new, count = step_at_hub(self.rows, self.global_state, keys, stats, round_idx, min_sites)
+            new, count = transport.step_at_hub(self.rows, self.global_state, keys, stats, round_idx, min_sites)
             self.rows = []
             return new, count
         gathered = transport.gather_states(self.rows, self.global_state, stats, round_idx)

@@ -178,6 +178,8 @@ class FlareTransport(Transport):
         session: the attached session.
     """
 
+    hub_runs_site_steps = True
+
     def __init__(self, placement: Mapping[str, int], rank: int, session: FlareSession) -> None:
         super().__init__(placement, rank, len(placement), session.timeout, torch.device("cpu"))
         self.session = session

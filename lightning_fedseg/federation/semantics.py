@@ -188,6 +188,7 @@ def _base_loss_term() -> Any:
 
 def check_flare(mode: CollaborationMode, server: Any) -> None:
     """Refuse, over an NVIDIA FLARE hub, what has no sound meaning across institutions."""
+    from lightning_fedseg.federation.byzantine import ByzantineServer
     from lightning_fedseg.federation.modes import CDS
 
     if isinstance(mode, CDS):
@@ -195,7 +196,7 @@ def check_flare(mode: CollaborationMode, server: Any) -> None:
             "`flare_profile` is set with the cds mode, which pools the institutions' data: it cannot run across"
             " institutions. HINT: fedavg, iil, ciil or single."
         )
-    if type(server).__name__ == "ByzantineServer":
+    if isinstance(server, ByzantineServer):
         raise ValueError(
             f"`flare_profile` is set with {server!r}, an attack drill that makes sites Byzantine at the"
             " server; it has no meaning across real institutions. HINT: run the drill in one process."

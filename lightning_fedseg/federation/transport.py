@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -87,6 +87,10 @@ class Transport:
         timeout: the primitives' timeout, for messages.
         device: where tensors must be for the primitives (the GPU for NCCL, else the CPU).
     """
+
+    hub_runs_site_steps: ClassVar[bool] = False
+    """Whether a hub runs the server steps that need each site's own state (:meth:`step_at_hub`),
+    so that no process receives another's state; otherwise every process gathers them."""
 
     def __init__(
         self, placement: Mapping[str, int], rank: int, world_size: int, timeout: timedelta | None, device: torch.device
@@ -219,6 +223,19 @@ class Transport:
             mine = torch.frombuffer(bytearray(public), dtype=torch.uint8)
         gathered = self._call(stats, round_idx, "key exchange", self._all_gather, mine.to(self.device))
         return {rank: bytes(gathered[rank].cpu().tolist()) for rank in members}
+
+    def step_at_hub(
+        self,
+        rows: Sequence[tuple[int, float, Mapping[str, Tensor]]],
+        reference: Mapping[str, Tensor],
+        param_keys: Sequence[str],
+        stats: CommStats,
+        round_idx: int,
+        min_sites: int,
+    ) -> tuple[dict[str, Tensor] | None, int]:
+        """Where :attr:`hub_runs_site_steps`: this process's ``(site index, weight, state)`` rows go to
+        the hub, which runs the step; ``(new global state or None below min_sites, sites combined)``."""
+        raise NotImplementedError(f"{type(self).__name__} has no hub.")
 
     def union(self, sites: Sequence[str], local: Iterable[str]) -> set[str]:
         """The sites (of ``sites``) named by ``local`` on any process: one all-reduce of 0/1 flags."""
